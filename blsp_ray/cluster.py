@@ -1,0 +1,111 @@
+"""A local Ray cluster on 127.0.0.1 (the embedded default and the tests), started and stopped cleanly.
+
+``ray start --head`` with every port chosen free and every listener on loopback, so several
+clusters can live on one machine and none is reachable from outside. ``stop()`` ends only this
+cluster's processes (``ray stop`` would end every cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# Without this Ray advertises the machine's non-loopback address even with --node-ip-address.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class LocalRayCluster:
+    address: str  # GCS address, for ray.init / ray start --address
+    dashboard_url: str  # also the job-submission API
+    temp_dir: Path
+
+    def add_node(self, num_cpus: int, resources: str | None = None) -> None:
+        """Join another raylet (same machine, its own resources): a node joining mid-job."""
+        # A joining node takes the head's temp dir, so stop() finds its processes too.
+        cmd = [
+            _ray_cli(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}",
+        ]
+        if resources:
+            cmd.append(f"--resources={resources}")
+        _run(cmd)
+
+    def stop(self) -> None:
+        """End this cluster's processes (and their children) and remove its files."""
+        dirs = [str(self.temp_dir)]
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if any(d in cmdline for d in dirs):
+                roots.append(p)
+        procs = set(roots)
+        for p in roots:
+            try:
+                procs.update(p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, **LOOPBACK_ENV}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def start_local_cluster(num_cpus: int | None = None, resources: str | None = None) -> LocalRayCluster:
+    """Start a Ray head on 127.0.0.1 with the dashboard (job API) on; all ports free-chosen."""
+    os.environ.update(LOOPBACK_ENV)  # drivers and jobs started from here stay on loopback too
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    port, dash = free_port(), free_port()
+    cmd = [
+        _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if resources:
+        cmd.append(f"--resources={resources}")
+    t0 = time.time()
+    _run(cmd)
+    cluster = LocalRayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
+    log.info("local Ray cluster at %s (dashboard %s) in %.1fs", cluster.address, cluster.dashboard_url, time.time() - t0)
+    return cluster

@@ -1,0 +1,246 @@
+"""One typed configuration for every stage, loaded from YAML and validated at load.
+
+A run is described by one file (``configs/tiny.yaml`` on a laptop, ``configs/blsp-7b.yaml`` on
+an A100 cluster). Unknown keys and bad values fail at load with the dotted key path, e.g.
+``configs/x.yaml: stage2.lr: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be loaded; the message names the file and key path."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Config(_Section):
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto
+    region: str | None = None
+    # Credentials come from the usual AWS environment variables / instance roles, never the file.
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # None: start a local Ray head on 127.0.0.1 for the run
+    storage_root: str = "runs"  # local path or s3://bucket/prefix
+    run_id: str = "default"
+    s3: S3Config = Field(default_factory=S3Config)
+    num_workers: int = Field(2, ge=1)  # Ray Train workers per training stage
+    min_workers: int | None = Field(None, ge=1)  # set for elastic training: (min_workers, num_workers)
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    use_gpu: bool = False
+    cluster_file: str | None = None  # Ray cluster-launcher YAML this config runs on (documentation + validation)
+    dashboard_host: str = "127.0.0.1"
+    env_vars: dict[str, str] = Field(default_factory=dict)  # runtime_env for every job
+
+    @model_validator(mode="after")
+    def _elastic_bounds(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
+
+
+class ModelConfig(_Section):
+    lm_path: str  # Hugging Face directory of a Llama-style causal LM (+ tokenizer)
+    whisper_path: str  # Hugging Face directory of a Whisper model or encoder (+ feature extractor)
+    conv_kernel_sizes: str = "5,5,5"  # subsampler: one stride-2 conv per entry
+    adapter_inner_dim: int = Field(512, ge=1)
+    # The original pads every clip to 30 s and runs the encoder over the padding. Off by default
+    # (real-length input, much less compute); on for parity with checkpoints trained that way.
+    pad_audio_to_30s: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Architectures (Hugging Face config fields) for when the checkpoints are not at hand:
+    # sizing the model on the meta device, planning memory. Loading always uses the checkpoint's.
+    lm_architecture: dict | None = None
+    whisper_architecture: dict | None = None
+
+    @model_validator(mode="after")
+    def _kernels(self) -> ModelConfig:
+        try:
+            ks = [int(k) for k in self.conv_kernel_sizes.split(",")]
+        except ValueError:
+            raise ValueError(f"conv_kernel_sizes must be comma-separated integers, got {self.conv_kernel_sizes!r}")
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError(f"conv_kernel_sizes must be positive, got {self.conv_kernel_sizes!r}")
+        return self
+
+
+class TinyAssetsConfig(_Section):
+    """Sizes of the random-weight models built offline for tests and the demo."""
+
+    out_dir: str = "assets/tiny"
+    vocab_size: int = Field(1024, ge=64)
+    lm_hidden_size: int = 256
+    lm_layers: int = 2
+    lm_heads: int = 4  # head_dim 64: a size vLLM's CPU attention supports
+    lm_kv_heads: int = 2
+    lm_intermediate_size: int = 512
+    whisper_d_model: int = 64
+    whisper_layers: int = 2
+    whisper_heads: int = 4
+    whisper_mel_bins: int = 80
+    seed: int = 0
+
+
+class SpeechSynthConfig(_Section):
+    """Speech made on the machine with espeak-ng: sentences x voices x speeds -> 16 kHz wav + manifest."""
+
+    out_dir: str = "data/speech"
+    num_sentences: int = Field(40, ge=1)
+    train_voices: list[str] = Field(default_factory=lambda: ["en-us", "en"])
+    heldout_voices: list[str] = Field(default_factory=lambda: ["en-gb-x-rp"])
+    speeds: list[int] = Field(default_factory=lambda: [150, 175])  # words per minute
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    alpaca_json: str | None = None  # list of {instruction, input, output}
+    asr_manifests: list[str] = Field(default_factory=list)  # jsonl {"audio","text",...}
+    sample_rate: int = 16000
+    min_duration_s: float = Field(0.1, ge=0.0)
+    max_duration_s: float = Field(30.0, gt=0.0)  # the original drops clips of 30 s or longer
+    max_stage1_tokens: int = 384
+    rows_per_shard: int = Field(1000, ge=1)
+    concurrency: int = Field(2, ge=1)
+
+
+class TrainConfig(_Section):
+    """One trainer serves stage 1 and stage 2; they differ in model, data and trainable parameters."""
+
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early (tests, demos)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    log_every: int = Field(20, ge=1)
+    save_every: int = Field(200, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class Stage2Config(TrainConfig):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    instruction: str = "Continue the following text in a coherent and engaging style with less than 40 words."
+    objective: Literal["ce", "kl", "ce+kl"] = "ce"
+    ce_weight: float = Field(1.0, ge=0)
+    kl_weight: float = Field(1.0, ge=0)
+    kl_temperature: float = Field(2.0, gt=0)
+    cache_encoder_outputs: bool = False  # the encoder is frozen: compute once, reuse across epochs
+
+
+class EngineConfig(_Section):
+    engine: Literal["vllm", "transformers"] = "transformers"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy, as the seed
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = 0
+    min_replicas: int = Field(1, ge=1)  # engine actors: Ray Data's autoscaling pool grows to max_replicas
+    max_replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    vllm_enforce_eager: bool = True
+    vllm_kv_cache_gib: float = Field(1.0, gt=0)  # CPU build: VLLM_CPU_KVCACHE_SPACE
+    vllm_max_model_len: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> EngineConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class LabelConfig(EngineConfig):
+    instruction: str = "Continue the following text in a coherent and engaging style with less than 40 words."
+    max_prompt_tokens: int = Field(192, ge=1)  # the seed keeps prompts with 0 < tokens < 192
+
+
+class GenerateConfig(EngineConfig):
+    instruction: str = "Please transcribe the following audio."
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+
+
+class EvaluateConfig(_Section):
+    metrics: list[Literal["wer", "cer", "bleu", "chrf", "alignment"]] = Field(
+        default_factory=lambda: ["wer", "cer", "bleu", "chrf", "alignment"]
+    )
+
+
+class ServeConfig(EngineConfig):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_audio_seconds: float = Field(30.0, gt=0)
+    auth_token_env: str | None = None  # name of an env var holding a bearer token; None: no auth
+    request_timeout_s: float = Field(60.0, gt=0)
+
+
+class BlspRayConfig(_Section):
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig
+    assets: TinyAssetsConfig | None = None  # present: build random-weight models offline before the run
+    speech: SpeechSynthConfig | None = None  # present: make the demo's speech with espeak-ng
+    data: DataConfig = Field(default_factory=DataConfig)
+    stage1: TrainConfig = Field(default_factory=TrainConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> BlspRayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return BlspRayConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BlspRayConfig:
+    """Load and validate a YAML config; ``overrides`` are ``dotted.key=yaml_value`` strings."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return config_from_dict(data, source=str(path))

@@ -1,0 +1,430 @@
+"""The BLSP model: frozen Whisper encoder -> conv subsampler -> bottleneck adapter -> LayerNorm -> frozen LM.
+
+Faithful to the original release's ``BlspModel`` (same sub-module and state-dict names:
+``whisper_model.``, ``llama_model.``, ``subsampler.conv_layers.N.``, ``adapter.fc1/fc2``,
+``speech_ln.``), so its checkpoints load as they are. Two differences, both switchable:
+
+* Whisper input is real-length by default: the encoder's positional embeddings are sliced to
+  the clip, padded frames are masked out of attention, so a batch gives each clip the same
+  output it would get alone. ``pad_audio_to_30s=True`` runs the library encoder over 30 s of
+  padding, as the original did, for parity with checkpoints trained that way.
+* Each example is spliced as [prefix tokens | speech frames | suffix tokens] with all padding at
+  one end (right for training, left for generation), never in the middle of a sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    WhisperConfig,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "blsp_adapter.json"
+ADAPTER_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
+WHISPER_HOP_LENGTH = 160  # samples per mel frame at 16 kHz
+
+
+class BlspConfig(PretrainedConfig):
+    model_type = "blsp"
+
+    def __init__(
+        self,
+        whisper_config: dict | None = None,
+        llama_config: dict | None = None,
+        conv_kernel_sizes: str = "5,5,5",
+        adapter_inner_dim: int = 512,
+        pad_audio_to_30s: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.whisper_config = dict(whisper_config or {})
+        self.llama_config = dict(llama_config or {})
+        self.conv_kernel_sizes = conv_kernel_sizes
+        self.adapter_inner_dim = adapter_inner_dim
+        self.pad_audio_to_30s = pad_audio_to_30s
+
+    @property
+    def whisper(self) -> WhisperConfig:
+        return WhisperConfig(**self.whisper_config)
+
+    @property
+    def llama(self) -> LlamaConfig:
+        return LlamaConfig(**self.llama_config)
+
+    @property
+    def kernel_sizes(self) -> list[int]:
+        return [int(k) for k in self.conv_kernel_sizes.split(",")]
+
+
+def conv_output_lengths(lengths: torch.Tensor, num_layers: int = 1) -> torch.Tensor:
+    """Length after ``num_layers`` stride-2 convs with padding k//2: floor((L - 1) / 2 + 1) each."""
+    for _ in range(num_layers):
+        lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+    return lengths
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B] lengths -> [B, max_len] bool, True on real positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Conv1dSubsampler(nn.Module):
+    """Stride-2 convolutions over time, each followed by GLU over channels (from fairseq's S2T)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, kernel_sizes: list[int]):
+        super().__init__()
+        n = len(kernel_sizes)
+        self.conv_layers = nn.ModuleList(
+            nn.Conv1d(
+                in_channels if i == 0 else mid_channels // 2,
+                mid_channels if i < n - 1 else out_channels * 2,  # GLU halves the channels
+                k,
+                stride=2,
+                padding=k // 2,
+            )
+            for i, k in enumerate(kernel_sizes)
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [B, T, C_in] -> [B, T / 2^n, C_out]
+        x = x.transpose(1, 2)  # [B, C, T]
+        for conv in self.conv_layers:
+            # Zero the batch padding so a clip's output does not depend on its batch neighbours
+            # (a conv reads k//2 frames past the end, which must look like the conv's own zero pad).
+            x = x * length_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
+            x = F.glu(conv(x), dim=1)
+            lengths = conv_output_lengths(lengths)
+        x = x * length_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
+        return x.transpose(1, 2), lengths
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck: x + fc2(GELU(fc1(x))), no biases."""
+
+    def __init__(self, hidden_size: int, inner_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, inner_dim, bias=False)
+        self.fc2 = nn.Linear(inner_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+@dataclass
+class SpeechBatch:
+    """Whisper log-mel features of a batch and the number of real frames in each."""
+
+    features: torch.Tensor  # [B, n_mels, F]
+    frame_lengths: torch.Tensor  # [B], <= F
+
+
+class BlspModel(PreTrainedModel):
+    config_class = BlspConfig
+    base_model_prefix = "blsp"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(
+        self,
+        config: BlspConfig,
+        llama_model: LlamaForCausalLM | None = None,
+        whisper_model: WhisperEncoder | None = None,
+    ):
+        super().__init__(config)
+        self.whisper_model = whisper_model if whisper_model is not None else WhisperEncoder(config.whisper)
+        self.llama_model = llama_model if llama_model is not None else LlamaForCausalLM(config.llama)
+        d_model = self.whisper_model.config.d_model
+        hidden = self.llama_model.config.hidden_size
+        self.subsampler = Conv1dSubsampler(d_model, 2 * d_model, hidden, config.kernel_sizes)
+        self.adapter = Adapter(hidden, config.adapter_inner_dim)
+        self.speech_ln = nn.LayerNorm(hidden, eps=1e-5)
+        for given in (llama_model, whisper_model):  # loaded weights: post_init must not re-initialise them
+            for module in given.modules() if given is not None else ():
+                module._is_hf_initialized = True
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models initialise themselves; our own layers keep PyTorch's default init.
+        pass
+
+    # ---- parameters -----------------------------------------------------------------------
+
+    def freeze_backbones(self) -> None:
+        """Stage 2: only the subsampler, adapter and LayerNorm train."""
+        for module in (self.whisper_model, self.llama_model):
+            module.requires_grad_(False)
+            module.eval()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES)}
+
+    # ---- speech -------------------------------------------------------------------------
+
+    @property
+    def subsampling_factor(self) -> int:
+        """Mel frames per speech embedding: Whisper's conv2 halves, each subsampler layer halves."""
+        return 2 ** (1 + len(self.subsampler.conv_layers))
+
+    def encode_speech(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel features -> Whisper hidden states [B, T, d_model] and their lengths [B]."""
+        enc = self.whisper_model
+        feats = speech.features.to(enc.conv1.weight.dtype)
+        out_lengths = conv_output_lengths(speech.frame_lengths)  # conv2: stride 2
+        if self.config.pad_audio_to_30s:
+            # The original: the library encoder over all 30 s (padding included), then cut.
+            hidden = enc(feats).last_hidden_state
+            return hidden[:, : int(out_lengths.max())], out_lengths
+        frames = feats.shape[-1]
+        if frames > 2 * enc.config.max_source_positions:
+            raise ValueError(f"speech has {frames} mel frames, more than Whisper's {2 * enc.config.max_source_positions}")
+        frame_mask = length_mask(speech.frame_lengths, frames)[:, None, :].to(feats.dtype)
+        x = F.gelu(enc.conv1(feats * frame_mask)) * frame_mask
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # [B, T, d_model]
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        keep = length_mask(out_lengths, x.shape[1])  # [B, T]
+        attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+        attn_mask = attn_mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]  # [B,1,1,T]
+        for layer in enc.layers:
+            x = layer(x, attn_mask)
+        return enc.layer_norm(x), out_lengths
+
+    def speech_embeddings(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel features -> LM-space speech embeddings [B, S, hidden] and lengths [B]."""
+        hidden, lengths = self.encode_speech(speech)
+        return self.adapt(hidden, lengths)
+
+    def adapt(self, encoder_hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable part: encoder states [B, T, d] -> [B, T / 2^n, hidden]."""
+        x, lengths = self.subsampler(encoder_hidden, lengths)
+        x = self.speech_ln(self.adapter(x))
+        return x, lengths
+
+    # ---- splicing ---------------------------------------------------------------------------
+
+    def splice(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        speech_embeds: torch.Tensor | None,
+        speech_lengths: torch.Tensor | None,
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+        suffix_labels: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Build [prefix | speech | suffix] per example, padded at one side.
+
+        prefix_ids [B, P], suffix_ids [B, Q] (right-padded, masks give real tokens),
+        speech_embeds [B, S, H] with lengths [B]. Returns inputs_embeds [B, L, H],
+        attention_mask [B, L] and labels [B, L] (-100 on prefix, speech, template and padding).
+        """
+        embed = self.llama_model.get_input_embeddings()
+        prefix_emb, suffix_emb = embed(prefix_ids), embed(suffix_ids)
+        rows, row_labels = [], []
+        for i in range(prefix_ids.shape[0]):
+            parts = [prefix_emb[i, prefix_mask[i].bool()]]
+            if speech_embeds is not None:
+                parts.append(speech_embeds[i, : int(speech_lengths[i])].to(prefix_emb.dtype))
+            suffix_keep = suffix_mask[i].bool()
+            parts.append(suffix_emb[i, suffix_keep])
+            rows.append(torch.cat(parts))
+            if suffix_labels is not None:
+                n_ignored = sum(p.shape[0] for p in parts[:-1])
+                ignored = suffix_labels.new_full((n_ignored,), -100)
+                row_labels.append(torch.cat([ignored, suffix_labels[i, suffix_keep]]))
+        max_len = max(r.shape[0] for r in rows)
+        hidden = prefix_emb.shape[-1]
+        inputs = prefix_emb.new_zeros(len(rows), max_len, hidden)
+        attention = prefix_mask.new_zeros(len(rows), max_len)
+        labels = suffix_labels.new_full((len(rows), max_len), -100) if suffix_labels is not None else None
+        for i, r in enumerate(rows):
+            n = r.shape[0]
+            span = slice(0, n) if padding_side == "right" else slice(max_len - n, max_len)
+            inputs[i, span] = r
+            attention[i, span] = 1
+            if labels is not None:
+                labels[i, span] = row_labels[i]
+        return inputs, attention, labels
+
+    def forward(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+        suffix_labels: torch.Tensor | None = None,
+        speech: SpeechBatch | None = None,
+        speech_embeds: torch.Tensor | None = None,
+        speech_lengths: torch.Tensor | None = None,
+        **lm_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Loss (when ``suffix_labels`` is given) covers only the target tokens of the suffix.
+
+        Speech comes as mel features (``speech``) or as precomputed adapter output
+        (``speech_embeds`` + ``speech_lengths``); neither gives the plain text LM.
+        """
+        if speech is not None:
+            speech_embeds, speech_lengths = self.speech_embeddings(speech)
+        inputs_embeds, attention_mask, labels = self.splice(
+            prefix_ids, prefix_mask, speech_embeds, speech_lengths, suffix_ids, suffix_mask, suffix_labels
+        )
+        return self.llama_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+        speech: SpeechBatch | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Greedy/sampled generation through the LM from spliced embeddings; returns new tokens only."""
+        speech_embeds = speech_lengths = None
+        if speech is not None:
+            speech_embeds, speech_lengths = self.speech_embeddings(speech)
+        inputs_embeds, attention_mask, _ = self.splice(
+            prefix_ids, prefix_mask, speech_embeds, speech_lengths, suffix_ids, suffix_mask, padding_side="left"
+        )
+        return self.llama_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_adapter(self, directory: str | os.PathLike, lm_path: str, whisper_path: str) -> None:
+        """Adapter-only checkpoint (stage 2): the trained weights plus pointers to the frozen bases."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}, directory / ADAPTER_WEIGHTS)
+        meta = {
+            "lm_path": str(lm_path),
+            "whisper_path": str(whisper_path),
+            "conv_kernel_sizes": self.config.conv_kernel_sizes,
+            "adapter_inner_dim": self.config.adapter_inner_dim,
+            "pad_audio_to_30s": self.config.pad_audio_to_30s,
+        }
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face checkpoint directory (safetensors shards or pytorch_model.bin)."""
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(shard))
+        return state
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
+    state = {}
+    for b in bins:
+        state.update(torch.load(b, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_whisper_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
+    """The encoder of any Whisper checkpoint: WhisperForConditionalGeneration, WhisperModel or encoder-only."""
+    path = Path(path)
+    config = WhisperConfig.from_pretrained(path)
+    state = _read_state_dict(path)
+    enc_state = {}
+    for k, v in state.items():
+        if "encoder." in k:
+            enc_state[k.split("encoder.", 1)[1]] = v
+        elif not k.startswith(("decoder.", "model.decoder.", "proj_out.")):
+            enc_state[k] = v  # already an encoder-only checkpoint
+    encoder = WhisperEncoder(config)
+    missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
+    missing = [m for m in missing if m != "embed_positions.weight" or "embed_positions.weight" not in enc_state]
+    if missing:
+        raise ValueError(f"{path}: Whisper encoder weights missing: {missing[:5]}")
+    return encoder.to(dtype)
+
+
+def build_blsp_from_parts(
+    lm_path: str | os.PathLike,
+    whisper_path: str | os.PathLike,
+    conv_kernel_sizes: str = "5,5,5",
+    adapter_inner_dim: int = 512,
+    pad_audio_to_30s: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> BlspModel:
+    """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter."""
+    llama = LlamaForCausalLM.from_pretrained(lm_path, dtype=dtype)
+    whisper = load_whisper_encoder(whisper_path, dtype)
+    config = BlspConfig(
+        whisper_config=whisper.config.to_dict(),
+        llama_config=llama.config.to_dict(),
+        conv_kernel_sizes=conv_kernel_sizes,
+        adapter_inner_dim=adapter_inner_dim,
+        pad_audio_to_30s=pad_audio_to_30s,
+    )
+    model = BlspModel(config, llama_model=llama, whisper_model=whisper)
+    return model.to(dtype)
+
+
+def load_blsp(path: str | os.PathLike, dtype: torch.dtype = torch.float32, pad_audio_to_30s: bool | None = None) -> BlspModel:
+    """Load an adapter-only checkpoint (``blsp_adapter.json``) or a full BLSP checkpoint.
+
+    A full checkpoint may be ours (``save_pretrained``) or the original release's layout: the
+    key names are the same. ``pad_audio_to_30s`` overrides what the checkpoint recorded.
+    """
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).exists():
+        meta = json.loads((path / ADAPTER_CONFIG).read_text())
+        if pad_audio_to_30s is not None:
+            meta["pad_audio_to_30s"] = pad_audio_to_30s
+        model = build_blsp_from_parts(**meta, dtype=dtype)
+        state = load_file(path / ADAPTER_WEIGHTS)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        adapter_missing = [k for k in missing if k.startswith(ADAPTER_PREFIXES)]
+        if adapter_missing or unexpected:
+            raise ValueError(f"{path}: adapter checkpoint does not fit: missing {adapter_missing}, unexpected {unexpected}")
+        return model
+    kwargs = {} if pad_audio_to_30s is None else {"pad_audio_to_30s": pad_audio_to_30s}
+    return BlspModel.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def blsp_config_for(settings) -> BlspConfig:
+    """A BlspConfig from our ``ModelConfig``: the checkpoints' configs, or the given architectures."""
+    llama = settings.lm_architecture
+    if llama is None:
+        llama = LlamaConfig.from_pretrained(settings.lm_path).to_dict()
+    whisper = settings.whisper_architecture
+    if whisper is None:
+        whisper = WhisperConfig.from_pretrained(settings.whisper_path).to_dict()
+    return BlspConfig(
+        whisper_config=whisper,
+        llama_config=llama,
+        conv_kernel_sizes=settings.conv_kernel_sizes,
+        adapter_inner_dim=settings.adapter_inner_dim,
+        pad_audio_to_30s=settings.pad_audio_to_30s,
+    )
+
+
+def build_blsp(settings) -> BlspModel:
+    """The model a stage starts from: the LM and Whisper checkpoints of ``settings`` and a fresh adapter."""
+    return build_blsp_from_parts(
+        settings.lm_path,
+        settings.whisper_path,
+        settings.conv_kernel_sizes,
+        settings.adapter_inner_dim,
+        settings.pad_audio_to_30s,
+        dtype=getattr(torch, settings.dtype),
+    )

@@ -1,0 +1,128 @@
+"""The pipeline driver: each stage is its own Ray job, submitted in order through the job API.
+
+A stage that finished writes ``<run dir>/<stage>/_COMPLETE``; a rerun skips it. The driver
+streams each job's logs, and stops at the first failed stage with its job id and log tail.
+With no Ray address configured it starts a local head on 127.0.0.1 and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from blsp_ray.config import BlspRayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # `python -m <module> --config <run config>`
+    needs: str | None = None  # config section that must be present for the stage to run
+
+
+STAGES = [
+    Stage("assets", "jobs.build_assets", needs="assets"),
+    Stage("speech", "jobs.make_speech", needs="speech"),
+]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_dir(cfg: BlspRayConfig) -> Path:
+    return Path(cfg.cluster.storage_root) / cfg.cluster.run_id
+
+
+def _absolute_paths(cfg: BlspRayConfig) -> dict:
+    """The config as a dict with local relative paths made absolute: jobs may run in another cwd."""
+    data = cfg.model_dump(mode="json")
+
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        if isinstance(node, str) and not node.startswith(("s3://", "/")) and ("/" in node or node in {"runs", "data", "assets"}):
+            return str(Path(node).resolve())
+        return node
+
+    for key in ("cluster", "model", "assets", "speech", "data"):
+        if data.get(key) is not None:
+            data[key] = fix(data[key])
+    data["cluster"]["cluster_file"] = cfg.cluster.cluster_file  # a file of the repo, not an output
+    return data
+
+
+def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[str]:
+    """Run every stage not yet complete; returns the names of the stages run this time."""
+    from ray.job_submission import JobSubmissionClient
+
+    from blsp_ray.cluster import start_local_cluster
+
+    stages = [s for s in (stages or STAGES) if s.needs is None or getattr(cfg, s.needs) is not None]
+    root = run_dir(cfg).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(_absolute_paths(cfg), sort_keys=False))
+
+    local = None
+    address = cfg.cluster.address
+    if address is None:
+        local = start_local_cluster(num_cpus=os.cpu_count())
+        address = local.dashboard_url
+    print(f"Ray dashboard: {address}", flush=True)
+    ran = []
+    try:
+        client = JobSubmissionClient(address)
+        for stage in stages:
+            marker = root / stage.name / "_COMPLETE"
+            if marker.exists():
+                print(f"[{stage.name}] complete, skipped", flush=True)
+                continue
+            _run_stage(client, stage, config_path, cfg.cluster.env_vars)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            ran.append(stage.name)
+    finally:
+        if local is not None:
+            local.stop()
+    return ran
+
+
+def _run_stage(client, stage: Stage, config_path: Path, env_vars: dict[str, str]) -> None:
+    from ray.job_submission import JobStatus
+
+    entrypoint = f"{shlex.quote(sys.executable)} -m {stage.module} --config {shlex.quote(str(config_path))}"
+    t0 = time.time()
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"env_vars": dict(env_vars)},
+        metadata={"blsp_stage": stage.name},
+    )
+    print(f"[{stage.name}] submitted as {job_id}", flush=True)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    if status != JobStatus.SUCCEEDED:
+        logs = client.get_job_logs(job_id)
+        raise StageFailed(f"stage {stage.name!r} {status.value} (job {job_id}); log tail:\n{logs[-3000:]}")
+    print(f"[{stage.name}] done in {time.time() - t0:.1f}s", flush=True)

@@ -1,0 +1,108 @@
+"""Tokenisation, Whisper features and batching: the one place examples become tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from blsp_ray.audio import SAMPLE_RATE
+from blsp_ray.modeling import SpeechBatch
+from blsp_ray.prompts import speech_prompt_parts, text_prompt
+
+IGNORE = -100
+
+
+def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad a list of id lists -> [B, max_len] long."""
+    out = torch.full((len(seqs), max((len(s) for s in seqs), default=0)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+class BlspProcessor:
+    """Turns (instruction, speech or text, target) into model inputs, for training and inference."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_extractor: WhisperFeatureExtractor,
+        pad_audio_to_30s: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.pad_audio_to_30s = pad_audio_to_30s
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def from_paths(cls, lm_path: str | os.PathLike, whisper_path: str | os.PathLike, pad_audio_to_30s: bool = False):
+        return cls(
+            AutoTokenizer.from_pretrained(lm_path),
+            WhisperFeatureExtractor.from_pretrained(whisper_path),
+            pad_audio_to_30s,
+        )
+
+    # ---- text -------------------------------------------------------------------------------
+
+    def _target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def text_example(self, instruction: str, response: str, max_tokens: int | None = None) -> dict:
+        """Stage 1: prompt + response + EOS; loss only on the response (prompt labels -100)."""
+        prompt = self.tokenizer(text_prompt(instruction))["input_ids"]
+        target = self._target_ids(response)
+        ids = (prompt + target)[:max_tokens]
+        labels = ([IGNORE] * len(prompt) + target)[:max_tokens]
+        return {"input_ids": ids, "labels": labels}
+
+    def collate_text(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        ids = _pad([e["input_ids"] for e in examples], self.pad_id)
+        return {
+            "input_ids": ids,
+            "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0),
+            "labels": _pad([e["labels"] for e in examples], IGNORE),
+        }
+
+    # ---- speech -------------------------------------------------------------------------------
+
+    def speech_prompt(self, instruction: str, target: str | None = None) -> dict:
+        """Stage 2 / inference token ids around the speech: prefix, suffix (+ target + EOS)."""
+        prefix, suffix = speech_prompt_parts(instruction)
+        prefix_ids = self.tokenizer(prefix)["input_ids"]
+        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        labels = [IGNORE] * len(suffix_ids)
+        if target is not None:
+            target_ids = self._target_ids(target)
+            suffix_ids, labels = suffix_ids + target_ids, labels + target_ids
+        return {"prefix_ids": prefix_ids, "suffix_ids": suffix_ids, "suffix_labels": labels}
+
+    def features(self, waveforms: Sequence[np.ndarray]) -> SpeechBatch:
+        """16 kHz mono waveforms -> log-mel [B, n_mels, F] and real frame counts [B]."""
+        waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
+        feats = self.feature_extractor(
+            waveforms,
+            sampling_rate=SAMPLE_RATE,
+            padding="max_length" if self.pad_audio_to_30s else "longest",
+            return_tensors="pt",
+        )["input_features"]
+        # The STFT yields n_samples // hop frames (its attention mask counts one more for a partial hop).
+        hop = self.feature_extractor.hop_length
+        lengths = torch.tensor([len(w) // hop for w in waveforms]).clamp(1, feats.shape[-1])
+        return SpeechBatch(features=feats, frame_lengths=lengths)
+
+    def collate_speech(self, examples: Sequence[dict], waveforms: Sequence[np.ndarray] | None = None) -> dict:
+        """Batch speech_prompt() outputs (+ waveforms) into BlspModel.forward/generate kwargs."""
+        batch = {
+            "prefix_ids": _pad([e["prefix_ids"] for e in examples], self.pad_id),
+            "prefix_mask": _pad([[1] * len(e["prefix_ids"]) for e in examples], 0),
+            "suffix_ids": _pad([e["suffix_ids"] for e in examples], self.pad_id),
+            "suffix_mask": _pad([[1] * len(e["suffix_ids"]) for e in examples], 0),
+            "suffix_labels": _pad([e["suffix_labels"] for e in examples], IGNORE),
+        }
+        if waveforms is not None:
+            batch["speech"] = self.features(waveforms)
+        return batch

@@ -1,0 +1,20 @@
+"""Run the whole BLSP pipeline as Ray jobs (the README's first command runs this on configs/tiny.yaml)."""
+
+import sys
+
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.pipeline import StageFailed, run_pipeline
+
+
+def main() -> None:
+    cfg = load_job_config(job_parser(__doc__).parse_args())
+    try:
+        ran = run_pipeline(cfg)
+    except StageFailed as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(1)
+    print(f"pipeline complete; stages run now: {', '.join(ran) or 'none (all were complete)'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shared fixtures: offline tiny models, espeak-ng speech, and ONE local Ray cluster per session.
+
+The Ray cluster is a real head node started with ``ray start`` on 127.0.0.1 (dashboard on, so
+``ray job submit`` tests work); every test that needs Ray connects to it, and it is stopped and
+its files removed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="blsp-test-"))
+
+# Offline, quiet, loopback-only: set before anything imports transformers / vLLM / Ray.
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_CACHE_ROOT": str(_TMP / "vllm-cache"),
+        "VLLM_RPC_BASE_PATH": str(_TMP / "vllm-rpc"),
+        "TORCHINDUCTOR_CACHE_DIR": str(_TMP / "inductor"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_DEDUP_LOGS": "0",
+    }
+)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Path:
+    yield _TMP
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_root):
+    """Random-weight Llama-style LM + tokenizer and Whisper encoder, built offline."""
+    from blsp_ray.assets import build_tiny_assets
+    from blsp_ray.config import TinyAssetsConfig
+
+    return build_tiny_assets(TinyAssetsConfig(out_dir=str(tmp_root / "assets")))
+
+
+@pytest.fixture(scope="session")
+def speech_corpus(tmp_root):
+    """espeak-ng speech: {"train": manifest path, "heldout": manifest path}."""
+    from blsp_ray.config import SpeechSynthConfig
+    from blsp_ray.speech import synthesize_corpus
+
+    return synthesize_corpus(SpeechSynthConfig(out_dir=str(tmp_root / "speech"), num_sentences=24))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_root):
+    """A real local Ray cluster on 127.0.0.1 for the whole session; this driver is connected to it."""
+    import ray
+
+    from blsp_ray.cluster import start_local_cluster
+
+    cluster = start_local_cluster(num_cpus=2)
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()

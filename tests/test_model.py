@@ -1,0 +1,223 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from blsp_ray.audio import load_audio
+from blsp_ray.config import load_config
+from blsp_ray.modeling import (
+    BlspModel,
+    blsp_config_for,
+    build_blsp_from_parts,
+    load_blsp,
+    load_whisper_encoder,
+)
+from blsp_ray.processing import IGNORE, BlspProcessor
+from blsp_ray.storage import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_assets):
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32).eval()
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def clips(speech_corpus):
+    rows = read_jsonl(speech_corpus["train"])[:3]
+    return rows, [load_audio(r["audio"]) for r in rows]
+
+
+def test_forward_backward_loss_only_on_target(parts, clips):
+    model, proc = parts
+    rows, wavs = clips
+    examples = [proc.speech_prompt(INSTRUCTION, r["text"]) for r in rows]
+    batch = proc.collate_speech(examples, wavs)
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    # Recompute the loss by hand over target positions only.
+    embeds, attn, labels = model.splice(
+        batch["prefix_ids"], batch["prefix_mask"], *model.speech_embeddings(batch["speech"]),
+        batch["suffix_ids"], batch["suffix_mask"], batch["suffix_labels"],
+    )
+    target_ids = [proc.tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id] for r in rows]
+    for i, t in enumerate(target_ids):
+        assert labels[i][labels[i] != IGNORE].tolist() == t  # labels are exactly the target + EOS
+    logits = out.logits[:, :-1]
+    manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(out.loss, manual)
+    assert model.adapter.fc1.weight.grad.abs().sum() > 0
+    assert model.subsampler.conv_layers[0].weight.grad.abs().sum() > 0
+
+
+def test_freeze_backbones_leaves_only_adapter_trainable(tiny_assets):
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=16)
+    model.freeze_backbones()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"subsampler", "adapter", "speech_ln"}
+
+
+@pytest.mark.parametrize("frames", [1, 7, 16, 100, 333, 3000])
+def test_adapter_output_length_is_frames_over_subsampling(parts, frames):
+    model, proc = parts
+    torch.manual_seed(frames)
+    from blsp_ray.modeling import SpeechBatch
+
+    feats = torch.randn(1, 80, frames)
+    emb, lengths = model.speech_embeddings(SpeechBatch(feats, torch.tensor([frames])))
+    assert model.subsampling_factor == 16
+    expected = -(-frames // 16)  # ceil: each stride-2 layer keeps floor((L-1)/2)+1
+    assert emb.shape == (1, expected, model.llama_model.config.hidden_size)
+    assert lengths.tolist() == [expected]
+
+
+def test_batched_speech_equals_one_by_one(parts, clips):
+    model, proc = parts
+    _, wavs = clips
+    with torch.no_grad():
+        emb, lengths = model.speech_embeddings(proc.features(wavs))
+        for i, w in enumerate(wavs):
+            single, n = model.speech_embeddings(proc.features([w]))
+            assert int(lengths[i]) == int(n[0])
+            torch.testing.assert_close(emb[i, : int(n[0])], single[0], atol=1e-5, rtol=1e-4)
+
+
+def test_no_speech_gives_plain_lm_logits(parts):
+    model, proc = parts
+    ex = proc.speech_prompt("Say something.", "Hello there.")
+    batch = proc.collate_speech([ex])
+    with torch.no_grad():
+        ours = model(**batch).logits
+        ids = torch.tensor([ex["prefix_ids"] + ex["suffix_ids"]])
+        plain = model.llama_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, plain)
+
+
+def _logits(model, proc, wav, text="The baker sold bread."):
+    batch = proc.collate_speech([proc.speech_prompt(INSTRUCTION, text)], [wav])
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_save_load_round_trip_full_and_adapter_only(parts, clips, tmp_path, tiny_assets):
+    model, proc = parts
+    wav = clips[1][0]
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.add_(0.01)  # not the initial state
+    before = _logits(model, proc, wav)
+    model.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "model.safetensors").exists()
+    model.save_adapter(tmp_path / "adapter", tiny_assets / "lm", tiny_assets / "whisper")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter.safetensors", "blsp_adapter.json"}
+    for path in ("full", "adapter"):
+        loaded = load_blsp(tmp_path / path).eval()
+        torch.testing.assert_close(_logits(loaded, proc, wav), before, rtol=0, atol=0)
+
+
+def _reference_original_forward(state, whisper_cfg, kernel_sizes, lm, prefix_ids, suffix_ids, feats_30s, n_frames):
+    """The original release's forward, written from the facts of its code (../shared/seed/FACTS.md):
+    the library Whisper encoder over 30 s of padding, cut to the real length, then conv+GLU layers
+    (no masking), the residual bottleneck adapter, LayerNorm, and [prefix | speech | suffix] into the LM."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    enc = WhisperEncoder(whisper_cfg)
+    enc.load_state_dict({k[len("whisper_model."):]: v for k, v in state.items() if k.startswith("whisper_model.")})
+    enc.eval()
+    h = enc(feats_30s).last_hidden_state  # [1, 1500, d]
+    out_len = (n_frames - 1) // 2 + 1
+    x = h[:, :out_len].transpose(1, 2)
+    for i, k in enumerate(kernel_sizes):
+        x = F.conv1d(x, state[f"subsampler.conv_layers.{i}.weight"], state[f"subsampler.conv_layers.{i}.bias"], stride=2, padding=k // 2)
+        x = F.glu(x, dim=1)
+    x = x.transpose(1, 2)
+    x = x + F.linear(F.gelu(F.linear(x, state["adapter.fc1.weight"])), state["adapter.fc2.weight"])
+    x = F.layer_norm(x, (x.shape[-1],), state["speech_ln.weight"], state["speech_ln.bias"], eps=1e-5)
+    emb = lm.get_input_embeddings()
+    inputs = torch.cat([emb(prefix_ids), x, emb(suffix_ids)], dim=1)
+    return lm(inputs_embeds=inputs).logits
+
+
+def test_original_checkpoint_layout_loads_with_parity(tiny_assets, clips, tmp_path):
+    torch.manual_seed(1)
+    lm = LlamaForCausalLM.from_pretrained(tiny_assets / "lm").eval()
+    whisper = load_whisper_encoder(tiny_assets / "whisper")
+    d, hidden, inner, kernels = whisper.config.d_model, lm.config.hidden_size, 48, [5, 5, 5]
+    # A checkpoint as the original release writes it: its key names, its config fields, a .bin file.
+    state = {f"whisper_model.{k}": v for k, v in whisper.state_dict().items()}
+    state.update({f"llama_model.{k}": v for k, v in lm.state_dict().items()})
+    for i, k in enumerate(kernels):
+        c_in = d  # first layer: d_model; later layers: GLU halves 2 x d_model back to d_model
+        c_out = 2 * d if i < len(kernels) - 1 else 2 * hidden
+        state[f"subsampler.conv_layers.{i}.weight"] = torch.randn(c_out, c_in, k) * 0.05
+        state[f"subsampler.conv_layers.{i}.bias"] = torch.randn(c_out) * 0.05
+    state["adapter.fc1.weight"] = torch.randn(inner, hidden) * 0.05
+    state["adapter.fc2.weight"] = torch.randn(hidden, inner) * 0.05
+    state["speech_ln.weight"] = 1 + 0.1 * torch.randn(hidden)
+    state["speech_ln.bias"] = 0.1 * torch.randn(hidden)
+    ckpt = tmp_path / "blsp_original"
+    ckpt.mkdir()
+    torch.save(state, ckpt / "pytorch_model.bin")
+    (ckpt / "config.json").write_text(json.dumps({
+        "architectures": ["BlspModel"], "model_type": "blsp",
+        "whisper_config": whisper.config.to_dict(), "llama_config": lm.config.to_dict(),
+        "conv_kernel_sizes": "5,5,5", "adapter_inner_dim": inner,
+    }))
+
+    model = load_blsp(ckpt, pad_audio_to_30s=True).eval()
+    for k, v in state.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper", pad_audio_to_30s=True)
+    wav = clips[1][0]
+    ex = proc.speech_prompt(INSTRUCTION)
+    batch = proc.collate_speech([ex], [wav])
+    assert batch["speech"].features.shape[-1] == 3000
+    with torch.no_grad():
+        ours = model(**batch).logits
+        ref = _reference_original_forward(
+            state, whisper.config, kernels, lm,
+            torch.tensor([ex["prefix_ids"]]), torch.tensor([ex["suffix_ids"]]),
+            batch["speech"].features, int(batch["speech"].frame_lengths[0]),
+        )
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+    # Without the padding switch the same weights see only the real frames: close, not equal.
+    real = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    model.config.pad_audio_to_30s = False
+    with torch.no_grad():
+        unpadded = model(**real.collate_speech([ex], [wav])).logits
+    assert unpadded.shape == ours.shape
+    assert not torch.allclose(unpadded, ours, atol=1e-4)
+
+
+def test_paper_config_on_meta_device():
+    cfg = load_config(REPO / "configs" / "blsp-7b.yaml")
+    with torch.device("meta"):
+        model = BlspModel(blsp_config_for(cfg.model))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    lm, enc = count(model.llama_model), count(model.whisper_model)
+    adapter = count(model.subsampler) + count(model.adapter) + count(model.speech_ln)
+    print(f"blsp-7b: LM {lm / 1e9:.3f} B, Whisper encoder {enc / 1e6:.1f} M, adapter {adapter / 1e6:.1f} M")
+    assert 6.6e9 < lm < 6.8e9  # Llama-2-7B: 6.74 B
+    assert 85e6 < enc < 92e6  # whisper-small encoder: about 88 M
+    assert 40e6 < adapter < 50e6  # 3 convs (768 -> 1536, 768 -> 1536, 768 -> 8192, k=5) + 2 x 4096 x 512
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_feature_extractor_frames_match_samples(tiny_assets):
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    wavs = [np.zeros(16000, np.float32) + 0.01, np.zeros(8000, np.float32) + 0.01]
+    sb = proc.features(wavs)
+    assert sb.features.shape[-1] == 100
+    assert sb.frame_lengths.tolist() == [100, 50]
