@@ -7,13 +7,17 @@ CONFIG ?= configs/tiny.yaml
 
 .PHONY: demo test setup clean
 
-setup: $(STAMP) /usr/bin/espeak-ng
+# Debian packages: TTS voices (espeak-ng, flite) and WordNet's example sentences (the text BLSP-mini speaks).
+APT_PACKAGES := espeak-ng flite wordnet-base
+APT_MARKERS := /usr/bin/espeak-ng /usr/bin/flite /usr/share/wordnet/data.noun
 
-/usr/bin/espeak-ng:
-	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) || \
-	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng)
+setup: $(STAMP) $(APT_MARKERS)
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(APT_MARKERS):
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)) || \
+	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES))
+
+$(STAMP): pyproject.toml scripts/install.sh requirements/mini-weights.txt
 	bash scripts/install.sh $(PY) $(VENV)
 	touch $(STAMP)
 

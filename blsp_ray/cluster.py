@@ -22,8 +22,14 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-# Without this Ray advertises the machine's non-loopback address even with --node-ip-address.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Without this Ray advertises the machine's non-loopback address even with --node-ip-address,
+# and rewrites 127.0.0.1 to it when connecting. Ray reads it when first imported, so it is set
+# here, at import, and this module must be imported before ray by drivers of a local cluster.
+# RAY_AUTH_MODE: once any local ray.init() has written ~/.ray/auth_token, `ray start` turns token
+# auth on by itself while drivers given an explicit address do not send the token; the cluster
+# listens on loopback only, so auth stays off and both sides agree.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+os.environ.update(LOOPBACK_ENV)
 
 
 def free_port() -> int:
@@ -91,7 +97,6 @@ def _run(cmd: list[str]) -> None:
 
 def start_local_cluster(num_cpus: int | None = None, resources: str | None = None) -> LocalRayCluster:
     """Start a Ray head on 127.0.0.1 with the dashboard (job API) on; all ports free-chosen."""
-    os.environ.update(LOOPBACK_ENV)  # drivers and jobs started from here stay on loopback too
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths are length-limited
     port, dash = free_port(), free_port()
     cmd = [

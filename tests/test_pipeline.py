@@ -1,0 +1,53 @@
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from blsp_ray.config import load_config
+from blsp_ray.pipeline import STAGES, Stage, StageFailed, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_driver_resumes_after_a_stage_is_killed(ray_cluster, tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"cluster.address={ray_cluster.dashboard_url}",
+        f"cluster.storage_root={tmp_path / 'runs'}",
+        f"assets.out_dir={tmp_path / 'assets'}",
+        f"speech.out_dir={tmp_path / 'speech'}",
+        "speech.num_sentences=4",
+    ])
+    stages = [s for s in STAGES if s.name in ("assets", "speech")] + [Stage("probe", "tests.pipeline_probe")]
+    probe_dir = tmp_path / "runs" / "tiny" / "probe"
+    probe_dir.mkdir(parents=True)
+    (probe_dir / "hold").touch()
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+
+    def kill_probe_job():  # stop the probe stage's Ray job once it is running
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for job in client.list_jobs():
+                if (job.metadata or {}).get("blsp_stage") == "probe" and job.status == JobStatus.RUNNING:
+                    if (probe_dir / "runs.log").exists():
+                        client.stop_job(job.submission_id)
+                        return
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_probe_job)
+    killer.start()
+    with pytest.raises(StageFailed, match="stage 'probe' STOPPED"):
+        run_pipeline(cfg, stages)
+    killer.join()
+    assert (tmp_path / "runs" / "tiny" / "assets" / "_COMPLETE").exists()
+    assert not (probe_dir / "_COMPLETE").exists()
+    assets_marker = (tmp_path / "runs" / "tiny" / "assets" / "_COMPLETE").stat().st_mtime_ns
+
+    (probe_dir / "hold").unlink()
+    ran = run_pipeline(cfg, stages)
+    assert ran == ["probe"]  # completed stages are not rerun
+    assert (probe_dir / "runs.log").read_text().count("run") == 2
+    assert (tmp_path / "runs" / "tiny" / "assets" / "_COMPLETE").stat().st_mtime_ns == assets_marker
+    assert run_pipeline(cfg, stages) == []
