@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
@@ -42,6 +43,8 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE
 
 def decode_audio(source, label: str, start: int = 0, frames: int = -1, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode a path or file-like object into mono float32 at ``target_rate``; raise AudioError."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+        raise AudioError("missing_file", label)  # soundfile reports it as a generic open error
     try:
         samples, rate = sf.read(source, start=start, frames=frames, dtype="float32", always_2d=False)
     except FileNotFoundError:

@@ -158,6 +158,9 @@ class SpeechSynthConfig(_Section):
     pitches: list[int] = Field(default_factory=lambda: [50])  # espeak-ng pitch 0-99 (flite voices keep their own)
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     workers: int = Field(2, ge=1)  # synthesis processes in parallel
+    # Alpaca-shaped instruction rows written beside the manifests as alpaca_data.json (stage-1 data
+    # for a demo without Alpaca at hand); 0: none.
+    instruction_rows: int = Field(0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -270,6 +273,8 @@ class LabelConfig(EngineConfig):
 class GenerateConfig(EngineConfig):
     instruction: str = "Please transcribe the following audio."
     max_new_tokens: int = Field(128, ge=1, le=4096)
+    # The pipeline's evaluation set: jsonl {"audio", "text", ...}; None: the speech section's held-out manifest.
+    input_file: str | None = None
 
 
 class EvaluateConfig(_Section):

@@ -13,26 +13,55 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from blsp_ray.config import BlspRayConfig
+from blsp_ray.layout import RunLayout, join
 
 log = logging.getLogger(__name__)
+
+
+def _heldout_manifest(cfg: BlspRayConfig) -> str | None:
+    if cfg.generate.input_file:
+        return cfg.generate.input_file
+    return f"{cfg.speech.out_dir}/heldout.jsonl" if cfg.speech is not None else None
+
+
+def _generate_args(cfg: BlspRayConfig, run: RunLayout) -> list[str]:
+    return ["--input_file", _heldout_manifest(cfg), "--output_file", join(run.generations, "heldout.jsonl"),
+            "--blsp_model", run.stage2_model]
+
+
+def _evaluate_args(cfg: BlspRayConfig, run: RunLayout) -> list[str]:
+    # Transcription instruction by default: score responses against the transcripts.
+    return ["--predictions", join(run.generations, "heldout.jsonl"), "--reference_field", "text",
+            "--blsp_model", run.stage2_model]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: str  # `python -m <module> --config <run config>`
-    needs: tuple[str, ...] = ()  # config sections of which one must be present for the stage to run
+    module: str  # `python -m <module> --config <run config> [args]`
+    enabled: Callable[[BlspRayConfig], bool] = lambda cfg: True
+    args: Callable[[BlspRayConfig, RunLayout], list[str]] = lambda cfg, run: []
 
 
 STAGES = [
-    Stage("assets", "jobs.build_assets", needs=("assets", "pretrained")),
-    Stage("speech", "jobs.make_speech", needs=("speech",)),
+    Stage("assets", "jobs.build_assets", enabled=lambda c: c.assets is not None or c.pretrained is not None),
+    Stage("speech", "jobs.make_speech", enabled=lambda c: c.speech is not None),
+    Stage("prepare_alpaca", "jobs.prepare_alpaca", enabled=lambda c: bool(c.data.alpaca_json)),
+    Stage("prepare_asr", "jobs.prepare_asr",
+          enabled=lambda c: any((c.data.librispeech_dir, c.data.gigaspeech_dir, c.data.commonvoice_dir))),
+    Stage("stage1", "jobs.stage1", enabled=lambda c: bool(c.data.alpaca_json)),
+    Stage("label", "jobs.label"),
+    Stage("preprocess", "jobs.preprocess"),
+    Stage("stage2", "jobs.stage2"),
+    Stage("generate", "jobs.generate", enabled=lambda c: _heldout_manifest(c) is not None, args=_generate_args),
+    Stage("evaluate", "jobs.evaluate", enabled=lambda c: _heldout_manifest(c) is not None, args=_evaluate_args),
 ]
 
 
@@ -57,7 +86,7 @@ def _absolute_paths(cfg: BlspRayConfig) -> dict:
             return str(Path(node).resolve())
         return node
 
-    for key in ("cluster", "model", "assets", "pretrained", "speech", "data"):
+    for key in ("cluster", "model", "assets", "pretrained", "speech", "data", "label", "generate", "serve"):
         if data.get(key) is not None:
             data[key] = fix(data[key])
     data["cluster"]["cluster_file"] = cfg.cluster.cluster_file  # a file of the repo, not an output
@@ -70,7 +99,7 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
 
     from blsp_ray.cluster import start_local_cluster
 
-    stages = [s for s in (stages or STAGES) if not s.needs or any(getattr(cfg, n) is not None for n in s.needs)]
+    stages = [s for s in (stages or STAGES) if s.enabled(cfg)]
     root = run_dir(cfg).resolve()
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.yaml"
@@ -90,7 +119,8 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
             if marker.exists():
                 print(f"[{stage.name}] complete, skipped", flush=True)
                 continue
-            _run_stage(client, stage, config_path, cfg.cluster.env_vars)
+            args = stage.args(cfg, RunLayout(str(root)))
+            _run_stage(client, stage, config_path, args, cfg.cluster.env_vars)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
             ran.append(stage.name)
@@ -100,10 +130,11 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
     return ran
 
 
-def _run_stage(client, stage: Stage, config_path: Path, env_vars: dict[str, str]) -> None:
+def _run_stage(client, stage: Stage, config_path: Path, args: list[str], env_vars: dict[str, str]) -> None:
     from ray.job_submission import JobStatus
 
-    entrypoint = f"{shlex.quote(sys.executable)} -m {stage.module} --config {shlex.quote(str(config_path))}"
+    command = [sys.executable, "-m", stage.module, "--config", str(config_path), *args]
+    entrypoint = " ".join(shlex.quote(c) for c in command)
     t0 = time.time()
     job_id = client.submit_job(
         entrypoint=entrypoint,

@@ -1,7 +1,13 @@
-"""Speak the config's sentences with espeak-ng into 16 kHz wav files and train/held-out manifests."""
+"""Make the demo corpus: sentences spoken into 16 kHz wav files with train/held-out manifests, and
+(speech.instruction_rows > 0) Alpaca-shaped instruction data beside them as alpaca_data.json."""
+
+import json
+from pathlib import Path
 
 from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.corpus import make_instructions
 from blsp_ray.speech import synthesize_corpus
+from blsp_ray.storage import atomic_file
 
 
 def main() -> None:
@@ -10,6 +16,11 @@ def main() -> None:
         raise SystemExit("config has no `speech` section: nothing to synthesize")
     for split, path in synthesize_corpus(cfg.speech).items():
         print(f"{split}: {path}")
+    if cfg.speech.instruction_rows:
+        path = Path(cfg.speech.out_dir) / "alpaca_data.json"
+        with atomic_file(path) as f:
+            json.dump(make_instructions(cfg.speech.instruction_rows, cfg.speech.seed), f, indent=1)
+        print(f"instructions: {path}")
 
 
 if __name__ == "__main__":

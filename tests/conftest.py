@@ -74,8 +74,8 @@ def ray_cluster(tmp_root):
     from blsp_ray.cluster import start_local_cluster
 
     cluster = start_local_cluster(num_cpus=2)
-    ray.init(address=cluster.address)
     try:
+        ray.init(address=cluster.address)
         yield cluster
     finally:
         ray.shutdown()

@@ -1,0 +1,50 @@
+"""Alpaca instruction data -> stage-1 jsonl ``{"instruction", "output"}`` in the seed's format.
+
+52k rows fit comfortably in one process; this job needs no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+
+from blsp_ray.config import S3Config
+from blsp_ray.data.common import DropReason, Summary, open_input, open_output
+from blsp_ray.data.text import alpaca_instruction, strip_nonprintable
+
+
+def summary_path(output: str) -> str:
+    return output.rsplit(".", 1)[0] + ".summary.json"
+
+
+def alpaca_rows(records: list, summary: Summary):
+    for i, rec in enumerate(records):
+        label = f"alpaca[{i}]"
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not isinstance(rec.get("output"), str):
+            summary.drop(DropReason.BAD_ROW, f"{label}: needs string `instruction` and `output`")
+            continue
+        if rec.get("input") is not None and not isinstance(rec["input"], str):
+            summary.drop(DropReason.BAD_ROW, f"{label}: `input` is not a string")
+            continue
+        instruction = alpaca_instruction(rec["instruction"], rec.get("input") or "")
+        output = strip_nonprintable(rec["output"]).strip()
+        if not instruction or not output:
+            summary.drop(DropReason.NO_TEXT, f"{label}: empty instruction or output")
+            continue
+        summary.kept += 1
+        yield {"instruction": instruction, "output": output}
+
+
+def prepare_alpaca(alpaca_json: str, output: str, s3: S3Config | None = None) -> dict:
+    """Write the stage-1 jsonl and its summary (``<output stem>.summary.json``); returns the summary."""
+    with open_input(alpaca_json, s3) as f:
+        try:
+            records = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{alpaca_json}: not a UTF-8 JSON file: {err}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{alpaca_json}: expected a JSON list of {{instruction, input, output}}")
+    summary = Summary()
+    with open_output(output, "w", s3) as out:
+        for row in alpaca_rows(records, summary):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return summary.report("prepare_alpaca", summary_path(output), {"input": alpaca_json, "output": output}, s3)

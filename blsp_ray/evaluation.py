@@ -1,0 +1,128 @@
+"""Evaluation: WER/CER (jiwer), BLEU/chrF (sacrebleu), and behaviour alignment.
+
+Behaviour alignment asks how close the LM's behaviour given speech is to its behaviour given the
+transcript (the BLSP objective):
+* BLEU/chrF of the speech-conditioned continuation against the transcript-conditioned one;
+* next-token KL(teacher || student) on the reference (transcript-conditioned) continuation,
+  teacher = LM reading the transcript, student = LM reading the speech, mean over tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blsp_ray.config import BlspRayConfig
+from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
+
+
+def text_metrics(hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str] = ("wer", "cer", "bleu", "chrf")) -> dict:
+    """Corpus-level scores: WER/CER as fractions (0 = perfect), BLEU/chrF on sacrebleu's 0-100 scale."""
+    import jiwer
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    hyps, refs = list(hypotheses), list(references)
+    out = {}
+    if "wer" in metrics:
+        out["wer"] = float(jiwer.wer(refs, hyps))
+    if "cer" in metrics:
+        out["cer"] = float(jiwer.cer(refs, hyps))
+    if "bleu" in metrics:
+        out["bleu"] = float(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    if "chrf" in metrics:
+        out["chrf"] = float(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    return out
+
+
+def mean_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean over positions of KL(softmax(teacher/T) || softmax(student/T)); logits [N, V]."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@torch.no_grad()
+def continuation_logits(model, processor, waveform: np.ndarray | None, transcript: str, continuation: str,
+                        instruction: str = CONTINUATION_INSTRUCTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits [N, V] predicting each token of ``continuation`` (+EOS), given the transcript
+    (teacher: the text prompt) and given the speech (student: [prefix | speech | suffix])."""
+    tok = processor.tokenizer
+    target = tok(continuation, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(target)
+    text_ids = tok(continuation_prompt(transcript, instruction))["input_ids"] + target
+    teacher = model.llama_model(input_ids=torch.tensor([text_ids])).logits[0, -n - 1 : -1]  # [N, V]
+    example = processor.speech_prompt(instruction, continuation)
+    batch = processor.collate_speech([example], [waveform])
+    student = model(prefix_ids=batch["prefix_ids"], prefix_mask=batch["prefix_mask"], suffix_ids=batch["suffix_ids"],
+                    suffix_mask=batch["suffix_mask"], speech=batch["speech"]).logits[0, -n - 1 : -1]
+    return teacher, student
+
+
+def alignment_scores(speech_continuations: Sequence[str], text_continuations: Sequence[str], kls: Sequence[float] | None = None) -> dict:
+    """BLEU/chrF of speech-conditioned against transcript-conditioned continuations, and mean KL."""
+    scores = text_metrics(speech_continuations, text_continuations, ("bleu", "chrf"))
+    out = {"alignment_bleu": scores["bleu"], "alignment_chrf": scores["chrf"]}
+    if kls:
+        out["alignment_kl"] = float(np.mean(kls))
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    rows = [(k, v) for k, v in report["metrics"].items()]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, reference_field: str = "reference",
+                 hypothesis_field: str = "response", blsp_model: str | None = None, max_alignment_rows: int = 64) -> dict:
+    """Score ``predictions_file`` (jsonl with ``hypothesis_field`` and ``reference_field``); with a
+    BLSP checkpoint and ``alignment`` in the metrics, also behaviour alignment on rows with audio +
+    ``text``. Writes ``report.json`` and ``report.md`` to ``output_dir``."""
+    from blsp_ray.data.common import open_output
+    from blsp_ray.layout import join
+    from blsp_ray.storage import read_jsonl
+
+    t0 = time.time()
+    rows = read_jsonl(predictions_file)
+    scored = [r for r in rows if not r.get("error") and isinstance(r.get(hypothesis_field), str) and isinstance(r.get(reference_field), str)]
+    metrics = [m for m in cfg.evaluate.metrics if m != "alignment"]
+    report = {"predictions": predictions_file, "rows": len(rows), "scored": len(scored), "skipped": len(rows) - len(scored),
+              "metrics": text_metrics([r[hypothesis_field] for r in scored], [r[reference_field] for r in scored], metrics) if scored else {}}
+    if "alignment" in cfg.evaluate.metrics and blsp_model:
+        report["metrics"].update(behaviour_alignment(cfg, blsp_model, [r for r in rows if r.get("audio") and r.get("text")][:max_alignment_rows]))
+    report["wall_s"] = round(time.time() - t0, 2)
+    with open_output(join(output_dir, "report.json"), "w", cfg.cluster.s3) as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    with open_output(join(output_dir, "report.md"), "w", cfg.cluster.s3) as f:
+        f.write(markdown_table(report))
+    print(markdown_table(report), flush=True)
+    return report
+
+
+def behaviour_alignment(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> dict:
+    """Speech- vs transcript-conditioned continuations of the same LM (greedy), and token KL."""
+    from blsp_ray.audio import load_audio
+    from blsp_ray.engines import GenerationSettings, TransformersEngine
+    from blsp_ray.inference import SpeechGenerator
+
+    if not rows:
+        return {}
+    gen_cfg = cfg.generate.model_copy(update={"instruction": CONTINUATION_INSTRUCTION})
+    generator = SpeechGenerator(blsp_model, gen_cfg)
+    waves = [load_audio(r["audio"]) for r in rows]
+    speech_out = [g.text.strip() for g in generator.generate(waves, CONTINUATION_INSTRUCTION)]
+    text_engine = TransformersEngine(generator.model.llama_model, generator.tokenizer, GenerationSettings.from_config(gen_cfg), gen_cfg.batch_size)
+    text_out = [g.text.strip() for g in text_engine.generate([continuation_prompt(r["text"]) for r in rows])]
+    kls = []
+    for w, r, ref in zip(waves, rows, text_out):
+        teacher, student = continuation_logits(generator.model, generator.processor, w, r["text"], ref)
+        kls.append(mean_token_kl(teacher, student))
+    return {**alignment_scores(speech_out, text_out, kls), "alignment_rows": len(rows)}

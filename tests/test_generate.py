@@ -1,0 +1,128 @@
+"""Speech generation: SpeechGenerator (vLLM prompt_embeds vs BlspModel.generate) and the seed-style
+``jobs.generate`` command line through ``ray job submit`` on the session's local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blsp_ray.audio import load_audio
+from blsp_ray.config import GenerateConfig
+from blsp_ray.storage import read_jsonl, write_jsonl
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback cluster: no token either way
+REPO = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Please transcribe the following audio."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_assets, tmp_path_factory):
+    """An adapter-only BLSP checkpoint (untrained adapter) on the tiny assets."""
+    import torch
+
+    from blsp_ray.modeling import build_blsp_from_parts
+
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+    out = tmp_path_factory.mktemp("blsp") / "model"
+    model.save_adapter(out, str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(speech_corpus):
+    return read_jsonl(speech_corpus["heldout"])[:6]
+
+
+def test_vllm_prompt_embeds_match_blsp_generate(checkpoint, clips):
+    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.inference import SpeechGenerator
+
+    waves = [load_audio(c["audio"]) for c in clips]
+    settings = GenerationSettings(max_new_tokens=12)
+    outs = {}
+    for engine in ("transformers", "vllm"):
+        gen = SpeechGenerator(str(checkpoint), GenerateConfig(engine=engine, batch_size=4), settings)
+        outs[engine] = [g.token_ids for g in gen.generate(waves, INSTRUCTION)]
+        del gen
+    same = sum(a == b for a, b in zip(outs["transformers"], outs["vllm"]))
+    print(f"\nspeech generation: vLLM prompt_embeds == BlspModel.generate on {same}/{len(waves)} clips")
+    assert all(len(t) > 0 for t in outs["vllm"])
+    assert same >= len(waves) - 1  # a random-weight LM can flip a near-tie; see test_label for the margin check
+
+
+@pytest.mark.slow
+def test_seed_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_path):
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really a wav file")
+    rows = [{"audio": c["audio"], "reference": c["text"], "id": f"clip-{i}"} for i, c in enumerate(clips[:4])]
+    rows.insert(1, {"audio": str(tmp_path / "missing.wav"), "reference": "x", "id": "missing"})
+    rows.insert(3, {"audio": str(bad), "reference": "y", "id": "corrupt"})
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
+        "cluster": {"storage_root": str(tmp_path / "runs"), "run_id": "gen"},
+        "model": {"lm_path": "unused", "whisper_path": "unused"},
+        "generate": {"engine": "transformers", "batch_size": 2, "max_new_tokens": 8},
+    }))
+    ray = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.run(
+        [ray, "job", "submit", "--address", ray_cluster.dashboard_url,
+         "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}}), "--",
+         sys.executable, "-m", "jobs.generate", "--config", str(tmp_path / "cfg.yaml"),
+         "--input_file", str(tmp_path / "test.jsonl"), "--output_file", str(tmp_path / "out.jsonl"),
+         "--blsp_model", str(checkpoint), "--instruction", INSTRUCTION, "--max_new_tokens", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == [r["id"] for r in rows]  # input order, pass-through fields
+    assert [r["reference"] for r in out] == [r["reference"] for r in rows]
+    by_id = {r["id"]: r for r in out}
+    assert by_id["missing"]["error"].startswith("missing_file") and "response" not in by_id["missing"]
+    assert by_id["corrupt"]["error"].startswith("undecodable")
+    for i in range(4):
+        r = by_id[f"clip-{i}"]
+        assert "error" not in r and isinstance(r["response"], str) and r["response"]
+    assert "[generate] 4 responses, 2 errors" in proc.stdout
+
+
+def test_async_vllm_streams_speech_embeds(checkpoint, clips):
+    """The serving path: SpeechGenerator's prompt embeddings streamed through AsyncVllmEngine
+    give the same greedy tokens as BlspModel.generate, and the deltas add up to the text."""
+    import asyncio
+
+    from blsp_ray.engines import AsyncVllmEngine, GenerationSettings
+    from blsp_ray.inference import SpeechGenerator
+
+    settings = GenerationSettings(max_new_tokens=12)
+    cfg = GenerateConfig(engine="transformers", batch_size=4)
+    gen = SpeechGenerator(str(checkpoint), cfg, settings)
+    waves = [load_audio(c["audio"]) for c in clips[:3]]
+    expected = [g.token_ids for g in gen.generate(waves, INSTRUCTION)]
+    embeds = gen.speech_prompt_embeds(gen.features(waves), [INSTRUCTION] * len(waves))
+    engine = AsyncVllmEngine(gen.lm_path, cfg.model_copy(update={"engine": "vllm"}))
+
+    async def one(e):
+        deltas, final = [], None
+        async for delta, done in engine.stream(e, settings):
+            deltas.append(delta)
+            final = done or final
+        return "".join(deltas), final
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(e) for e in embeds))  # concurrent requests, one engine
+
+    try:
+        results = asyncio.run(all_at_once())
+    finally:
+        engine.shutdown()
+    same = sum(final.token_ids == exp for (_, final), exp in zip(results, expected))
+    print(f"\nasync vLLM stream == BlspModel.generate on {same}/{len(expected)} clips")
+    assert same >= len(expected) - 1
+    assert all(text == final.text for text, final in results)
