@@ -114,3 +114,19 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
     cluster = LocalRayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
     log.info("local Ray cluster at %s (dashboard %s) in %.1fs", cluster.address, cluster.dashboard_url, time.time() - t0)
     return cluster
+
+
+def init_ray(cfg) -> None:
+    """Connect this driver to its cluster: inside ``ray job submit`` the job's own (RAY_ADDRESS, whose
+    runtime env the job already carries), else ``cluster.address`` with the config's env vars; with
+    neither, a local Ray on loopback for this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a job's runtime env is set by the job; repeating it here is a conflict error
+    elif cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": dict(cfg.cluster.env_vars)})
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")

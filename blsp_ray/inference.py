@@ -207,7 +207,8 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     """Generate a response for every row of ``input_file``; write ``output_file`` in input order."""
     import ray
 
-    from blsp_ray.data.common import init_ray, open_output
+    from blsp_ray.cluster import init_ray
+    from blsp_ray.data.common import open_output
 
     t0 = time.time()
     gc, s3 = cfg.generate, cfg.cluster.s3

@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
-from blsp_ray.data.common import exists, init_ray, is_s3, list_dir, open_input, open_output, s3_filesystem
+from blsp_ray.cluster import init_ray
+from blsp_ray.data.common import exists, is_s3, list_dir, open_input, open_output, s3_filesystem
 from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool
 from blsp_ray.layout import RunLayout, join
 from blsp_ray.prompts import continuation_prompt

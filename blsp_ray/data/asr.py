@@ -18,7 +18,8 @@ import soundfile as sf
 
 from blsp_ray.audio import AudioError
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.data.common import DropReason, Summary, init_ray, open_output, quiet_ray_data
+from blsp_ray.cluster import init_ray
+from blsp_ray.data.common import DropReason, Summary, open_output, quiet_ray_data
 from blsp_ray.data.text import gigaspeech_text, normalize_english
 from blsp_ray.layout import RunLayout, join
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blsp_ray.config import BlspRayConfig, S3Config
+from blsp_ray.config import S3Config
 from blsp_ray.storage import atomic_file
 
 log = logging.getLogger(__name__)
@@ -150,21 +150,6 @@ def write_text(uri: str, text: str, s3: S3Config | None = None) -> None:
 
 
 # ---- Ray -------------------------------------------------------------------------------------------
-
-
-def init_ray(cfg: BlspRayConfig) -> None:
-    """Connect to the job's cluster (inside ``ray job submit``: RAY_ADDRESS) or the configured one;
-    with neither, start a local Ray on loopback for this process."""
-    import blsp_ray.cluster  # noqa: F401  (sets the loopback env before Ray is imported)
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or cfg.cluster.address
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else None)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def quiet_ray_data() -> None:

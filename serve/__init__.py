@@ -1,0 +1,1 @@
+"""Ray Serve application for BLSP speech chat (see serve/app.py)."""

@@ -1,0 +1,362 @@
+"""The BLSP chat service on Ray Serve: an autoscaling engine deployment behind a FastAPI ingress.
+
+* ``BlspEngine`` (one replica per GPU on clusters, ``cpus_per_replica`` here) holds Whisper +
+  adapter + LM and streams replies; it autoscales between ``serve.min_replicas`` and
+  ``serve.max_replicas`` on ongoing requests per replica (``serve.target_ongoing_requests``).
+* ``ChatIngress`` speaks HTTP: ``POST /v1/chat/completions`` (OpenAI's shape, audio as base64
+  ``input_audio`` parts, SSE streaming), ``GET /v1/models``, ``GET /health`` and the chat page at
+  ``/``. It validates everything before an engine sees it, enforces auth, body size and the
+  per-request timeout, and retries a request whose engine replica died before any of its reply
+  reached the client.
+
+Deploy from our config (``python -m serve --config configs/tiny.yaml``) or from a Serve config
+(``serve run configs/serve-tiny.yaml``), which calls ``app_builder`` with the same config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from blsp_ray.config import BlspRayConfig, ServeConfig, load_config
+from blsp_ray.layout import RunLayout
+from serve.schemas import ApiError, ChatRequest, parse_json, to_chat_request
+
+log = logging.getLogger("ray.serve")
+PAGE = Path(__file__).with_name("static") / "chat.html"
+APP_NAME = "blsp"
+# A replica that died or became unreachable: the request may go to another replica.
+REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
+MAX_ATTEMPTS = 3
+
+
+@serve.deployment(name="BlspEngine")
+class BlspEngine:
+    """One model replica: Whisper + adapter embed the conversation, then the LM engine replies.
+
+    ``vllm``: an async vLLM engine takes the embeddings as ``prompt_embeds`` and batches concurrent
+    requests continuously. ``transformers``: one generation at a time per replica (the rest wait).
+    """
+
+    def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32"):
+        import torch
+
+        from blsp_ray.chat import BlspChat
+
+        self.cfg = ServeConfig(**settings)
+        if self.cfg.gpus_per_replica == 0:
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))
+        self.vllm = None
+        if self.cfg.engine == "vllm":
+            self._start_vllm(checkpoint, dtype)
+        else:
+            self.chat = BlspChat.from_checkpoint(checkpoint, dtype)
+            if self.cfg.gpus_per_replica > 0:
+                self.chat.model.to("cuda")
+        self.max_context = self.cfg.vllm_max_model_len if self.vllm else self.chat.max_context
+        self.lock = asyncio.Lock()  # transformers: one generation at a time
+        self.embed_lock = threading.Lock()  # speech encoding: one at a time, so threads don't fight over cores
+        log.info("BlspEngine ready (%s): %s (pid %d)", self.cfg.engine, checkpoint, os.getpid())
+
+    def _start_vllm(self, checkpoint: str, dtype: str) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from blsp_ray.chat import BlspChat
+        from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs
+        from blsp_ray.inference import SpeechGenerator
+
+        # Whisper + adapter (+ the LM's embedding table) from the shared generator; its own engine stays off.
+        speech = SpeechGenerator(checkpoint, self.cfg.model_copy(update={"engine": "transformers"}), dtype=dtype)
+        self.chat = BlspChat(speech.model, speech.processor)
+        if self.cfg.gpus_per_replica > 0:
+            for part in (speech.model.whisper_model, speech.model.subsampler, speech.model.adapter, speech.model.speech_ln):
+                part.to("cuda")
+        # AsyncLLM runs its engine core in a child process; the LM's weights live there.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one-GPU engine: its IPC stays on loopback
+        prepare_vllm_env(self.cfg)
+        kwargs = vllm_engine_kwargs(self.cfg, speech.lm_path, enable_prompt_embeds=True, dtype=dtype)
+        self.vllm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    def _embed(self, req: ChatRequest):
+        with self.embed_lock:
+            return self.chat.prompt_embeds(req.turns, req.header)  # [L, H]
+
+    def _too_long(self, prompt_len: int, req: ChatRequest) -> tuple | None:
+        if prompt_len + req.sampling.max_new_tokens <= self.max_context:
+            return None
+        return ("error", (400, f"prompt of {prompt_len} positions + max_tokens {req.sampling.max_new_tokens} exceeds the model's context of {self.max_context}", "context_length_exceeded"))
+
+    async def generate(self, req: ChatRequest) -> AsyncIterator[tuple]:
+        """Events: ("delta", text)..., then ("done", usage) or ("error", (status, message, code))."""
+        events = self._generate_vllm(req) if self.vllm else self._generate_transformers(req)
+        async for event in events:
+            yield event
+
+    async def _generate_vllm(self, req: ChatRequest) -> AsyncIterator[tuple]:
+        from vllm.sampling_params import RequestOutputKind
+
+        from blsp_ray.engines import GenerationSettings, vllm_sampling_params
+
+        embeds = await asyncio.to_thread(self._embed, req)
+        if too_long := self._too_long(embeds.shape[0], req):
+            yield too_long
+            return
+        s = req.sampling
+        params = vllm_sampling_params(GenerationSettings(s.max_new_tokens, s.temperature, s.top_p, s.seed))
+        params.output_kind = RequestOutputKind.DELTA  # stream new text only
+        completion, finish = 0, None
+        # Cancelling this generator (client gone, timeout) aborts the request inside vLLM.
+        async for out in self.vllm.generate({"prompt_embeds": embeds.float().cpu()}, params, uuid.uuid4().hex):
+            piece = out.outputs[0]
+            completion += len(piece.token_ids)
+            finish = piece.finish_reason or finish
+            if piece.text:
+                yield ("delta", piece.text)
+        yield ("done", {"finish_reason": finish or "stop", "prompt_tokens": int(embeds.shape[0]), "completion_tokens": completion})
+
+    def _run_transformers(self, req: ChatRequest, cancel: threading.Event, emit) -> None:
+        """Embed and generate on a worker thread, handing events to ``emit``."""
+        embeds = self._embed(req)
+        if too_long := self._too_long(embeds.shape[0], req):
+            emit(too_long)
+            return
+        stream = self.chat.stream(embeds, req.sampling, cancel)
+        for delta in stream:
+            emit(("delta", delta))
+        emit(("done", {"finish_reason": stream.finish_reason, "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens}))
+
+    async def _generate_transformers(self, req: ChatRequest) -> AsyncIterator[tuple]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def work() -> None:
+            try:
+                self._run_transformers(req, cancel, emit)
+            except Exception as err:  # a bug, not the client's fault: report it as a 500 with its type
+                log.exception("generation failed")
+                emit(("error", (500, f"generation failed: {type(err).__name__}: {err}", "internal_error")))
+
+        async with self.lock:
+            worker = loop.run_in_executor(None, work)
+            try:
+                while True:
+                    event = await queue.get()
+                    yield event
+                    if event[0] != "delta":
+                        break
+            finally:
+                cancel.set()  # the caller left (timeout, disconnect): stop generating
+                await asyncio.shield(worker)  # the next request starts only when this one has stopped
+
+
+def _error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+api = FastAPI(title="BLSP speech chat", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(name="ChatIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(api)
+class ChatIngress:
+    def __init__(self, engine: DeploymentHandle, settings: dict):
+        self.cfg = ServeConfig(**settings)
+        self.engine = engine.options(stream=True)
+        self.token = None
+        if self.cfg.auth_token_env:
+            self.token = os.environ.get(self.cfg.auth_token_env)
+            if not self.token:
+                raise RuntimeError(f"serve.auth_token_env names {self.cfg.auth_token_env!r}, which is not set in the replica's environment")
+        self.page = PAGE.read_text()
+        self.retried = 0  # requests re-sent after their engine replica failed
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", "invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", "body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():  # chunked uploads are counted as they arrive
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        return bytes(body)
+
+    async def _engine_events(self, req: ChatRequest, restartable: bool) -> AsyncIterator[tuple]:
+        """Engine events; a replica failure before any delta went out (or ``restartable``) is retried."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            sent = False
+            response = self.engine.generate.remote(req)
+            try:
+                async for event in response:
+                    if event[0] == "delta" and not restartable:
+                        sent = True
+                    yield event
+                return
+            except REPLICA_FAILURES as err:
+                if sent or attempt == MAX_ATTEMPTS:
+                    raise ApiError(503, f"engine replica failed during the reply: {type(err).__name__}", "replica_failed") from None
+                log.warning("engine replica failed (%s), retrying (attempt %d)", type(err).__name__, attempt + 1)
+                self.retried += 1
+                if restartable:
+                    yield ("restart", None)
+                await asyncio.sleep(0.5 * attempt)
+            finally:
+                response.cancel()  # no-op when finished; stops the replica's work when we give up
+
+    def _chunk(self, rid: str, created: int, delta: dict, finish_reason=None, usage=None) -> str:
+        body = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.cfg.model_name,
+            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+        if usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    @staticmethod
+    def _usage(done: dict) -> dict:
+        return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+                "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+
+    # ---- routes ---------------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model_name, "retried_requests": self.retried}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return _error(err)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0, "owned_by": "blsp-ray"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            self._authorize(request)
+            req = to_chat_request(parse_json(await self._read_body(request)), self.cfg)
+        except ApiError as err:
+            return _error(err)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return StreamingResponse(self._sse(req, rid, created), media_type="text/event-stream")
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                text, done = [], None
+                async for kind, value in self._engine_events(req, restartable=True):
+                    if kind == "restart":
+                        text = []
+                    elif kind == "delta":
+                        text.append(value)
+                    elif kind == "error":
+                        raise ApiError(value[0], value[1], value[2])
+                    else:
+                        done = value
+        except TimeoutError:
+            return _error(ApiError(504, f"no complete reply within the request timeout of {self.cfg.request_timeout_s}s", "timeout"))
+        except ApiError as err:
+            return _error(err)
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "finish_reason": done["finish_reason"], "logprobs": None}],
+            "usage": self._usage(done),
+        }
+
+    async def _sse(self, req: ChatRequest, rid: str, created: int) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format; errors after the 200 arrive as an error event."""
+        yield self._chunk(rid, created, {"role": "assistant", "content": ""})
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                async for kind, value in self._engine_events(req, restartable=False):
+                    if kind == "delta":
+                        yield self._chunk(rid, created, {"content": value})
+                    elif kind == "error":
+                        raise ApiError(value[0], value[1], value[2])
+                    else:
+                        yield self._chunk(rid, created, {}, finish_reason=value["finish_reason"])
+                        if req.include_usage:
+                            yield self._chunk(rid, created, {}, usage=self._usage(value))
+        except TimeoutError:
+            err = ApiError(504, f"reply not finished within the request timeout of {self.cfg.request_timeout_s}s", "timeout")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        except ApiError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+# ---- building and deploying ------------------------------------------------------------------
+
+
+def build_app(cfg: BlspRayConfig, checkpoint: str | None = None):
+    """The Serve application for ``cfg``: engine deployment (autoscaling) + ingress."""
+    sc = cfg.serve
+    checkpoint = checkpoint or sc.checkpoint or RunLayout.of(cfg).stage2_model
+    if "://" not in checkpoint:
+        checkpoint = str(Path(checkpoint).resolve())
+    runtime_env = {"env_vars": dict(cfg.cluster.env_vars)} if cfg.cluster.env_vars else {}
+    engine = BlspEngine.options(
+        autoscaling_config={
+            "min_replicas": sc.min_replicas,
+            "max_replicas": sc.max_replicas,
+            "initial_replicas": sc.min_replicas,
+            "target_ongoing_requests": sc.target_ongoing_requests,
+            "upscale_delay_s": sc.upscale_delay_s,
+            "downscale_delay_s": sc.downscale_delay_s,
+            "look_back_period_s": sc.look_back_period_s,
+        },
+        max_ongoing_requests=sc.max_ongoing_requests,
+        ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica, "runtime_env": runtime_env},
+    ).bind(checkpoint, sc.model_dump(), cfg.model.dtype)
+    return ChatIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(engine, sc.model_dump())
+
+
+def app_builder(args: dict):
+    """``serve run serve.app:app_builder config=configs/tiny.yaml [checkpoint=DIR] [set=key=value,...]``."""
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [s for s in overrides.split(",") if s]
+    cfg = load_config(args["config"], overrides)
+    return build_app(cfg, args.get("checkpoint"))
+
+
+def deploy(cfg: BlspRayConfig, checkpoint: str | None = None, name: str = APP_NAME) -> str:
+    """Start Serve's proxy on ``serve.host:port`` (connected driver required) and deploy; returns the base URL."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg, checkpoint), name=name, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"

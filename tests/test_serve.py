@@ -1,0 +1,443 @@
+"""The BLSP chat service on the real Ray Serve app, over HTTP on 127.0.0.1.
+
+One application is deployed for the module on the session Ray cluster (engine autoscaling
+min 1 / max 2 with a low target so load scales it), and Serve is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-5f1c"
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
+
+
+def wav_bytes(seconds: float = 1.0, rate: int = 16000, channels: int = 1, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.random.default_rng(0).standard_normal(t.shape)
+    samples = np.stack([tone] * channels, axis=1) if channels > 1 else tone
+    buf = io.BytesIO()
+    sf.write(buf, samples.astype(np.float32), rate, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def audio_part(data: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def user(text: str | None = "Please transcribe the following audio.", audio: bytes | None = None) -> dict:
+    content = [{"type": "text", "text": text}] if text is not None else []
+    if audio is not None:
+        content.append(audio_part(audio))
+    return {"role": "user", "content": content}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_assets, tmp_root):
+    import torch
+
+    from blsp_ray.modeling import build_blsp_from_parts
+
+    out = tmp_root / "serve-ckpt"
+    if not out.exists():
+        torch.manual_seed(0)
+        model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=64)
+        model.save_adapter(out, str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, checkpoint, tiny_assets):
+    from ray import serve
+
+    from blsp_ray.cluster import free_port
+    from blsp_ray.config import config_from_dict
+    from serve.app import APP_NAME, build_app
+
+    cfg = config_from_dict(
+        {
+            "cluster": {
+                "env_vars": {
+                    "BLSP_TEST_TOKEN": TOKEN,
+                    # Report load every second (default 10 s) so the autoscaler reacts within the test.
+                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                }
+            },
+            "model": {"lm_path": str(tiny_assets / "lm"), "whisper_path": str(tiny_assets / "whisper")},
+            "serve": {
+                "checkpoint": str(checkpoint),
+                "engine": "transformers",
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 0,
+                "look_back_period_s": 5,
+                "cpus_per_replica": 0.5,
+                "max_new_tokens": 32,
+                "max_body_bytes": 1_000_000,
+                "max_audio_seconds": 5,
+                "auth_token_env": "BLSP_TEST_TOKEN",
+                "request_timeout_s": 60,
+            },
+        }
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg, "dashboard": ray_cluster.dashboard_url, "temp_dir": ray_cluster.temp_dir}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["url"] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def post(app, body, token: str | None = TOKEN, raw: bytes | None = None) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    return requests.post(app["url"] + "/v1/chat/completions", data=data, headers=headers, timeout=60)
+
+
+def engine_status():
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    return serve.status().applications[APP_NAME].deployments["BlspEngine"]
+
+
+def engine_pids(app) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=app["dashboard"], filters=[("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.class_name.endswith(":BlspEngine")]
+
+
+# ---- the OpenAI client against the service ---------------------------------------------------
+
+
+def test_health_models_and_page(app, client):
+    assert requests.get(app["url"] + "/health", timeout=10).json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == ["blsp"]
+    page = requests.get(app["url"] + "/", timeout=10)
+    assert page.status_code == 200 and 'id="audio"' in page.text
+
+
+def test_openai_client_text_and_audio(client):
+    out = client.chat.completions.create(
+        model="blsp",
+        messages=[user("Please transcribe the following audio.", wav_bytes(1.0))],
+        max_tokens=12,
+        temperature=0,
+    )
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in {"stop", "length"}
+    assert 0 < out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 10
+    # Greedy decoding is deterministic: the same request gives the same reply.
+    again = client.chat.completions.create(
+        model="blsp", messages=[user("Please transcribe the following audio.", wav_bytes(1.0))], max_tokens=12, temperature=0
+    )
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_openai_client_streamed_multi_turn(client):
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        user("What is said here?", wav_bytes(0.8)),
+        {"role": "assistant", "content": "Something about a tone."},
+        user("Now summarise this one.", wav_bytes(1.2, rate=8000)),  # 8 kHz: resampled, not rejected
+    ]
+    stream = client.chat.completions.create(
+        model="blsp", messages=messages, max_tokens=10, temperature=0.7, seed=3,
+        stream=True, stream_options={"include_usage": True},
+    )
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            deltas.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert len([d for d in deltas if d]) >= 2, deltas  # several chunks, not one blob
+    assert finish in {"stop", "length"}
+    assert usage is not None and usage.completion_tokens <= 10
+    # A streamed reply equals the non-streamed one for the same seeded request.
+    whole = client.chat.completions.create(model="blsp", messages=messages, max_tokens=10, temperature=0.7, seed=3)
+    assert whole.choices[0].message.content == "".join(deltas)
+
+
+# ---- malformed requests: each a 4xx with a reason, never a 500 -------------------------------
+
+GOOD_AUDIO = wav_bytes(0.5)
+MALFORMED = {
+    "bad_json": (None, b'{"messages": [', 400, "invalid_json"),
+    "not_an_object": (None, b"[1, 2]", 400, "invalid_json"),
+    "unknown_field": ({"messages": [user("hi")], "frobnicate": 1}, None, 400, "invalid_request"),
+    "unknown_part_field": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]}]}, None, 400, "invalid_request"),
+    "no_messages": ({"messages": []}, None, 400, "invalid_request"),
+    "undecodable_audio": ({"messages": [user("x", b"this is not a wav file at all" * 20)]}, None, 400, "undecodable_audio"),
+    "empty_audio_bytes": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, None, 400, "empty_audio"),
+    "empty_audio_wav": ({"messages": [user("x", wav_bytes(0.0))]}, None, 400, "empty_audio"),
+    "bad_base64": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "!!not base64!!", "format": "wav"}}]}]}, None, 400, "invalid_base64"),
+    "sample_rate_too_low": ({"messages": [user("x", wav_bytes(0.5, rate=4000))]}, None, 400, "bad_sample_rate"),
+    "audio_too_long": ({"messages": [user("x", wav_bytes(6.0))]}, None, 400, "audio_too_long"),
+    "unsupported_format": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO, "mp3")]}]}, None, 400, "unsupported_audio_format"),
+    "path_not_opened": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"/etc/passwd").decode(), "format": "wav"}}]}]}, None, 400, "undecodable_audio"),
+    "last_is_assistant": ({"messages": [user("hi"), {"role": "assistant", "content": "hello"}]}, None, 400, "invalid_messages"),
+    "two_audios": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO), audio_part(GOOD_AUDIO)]}]}, None, 400, "invalid_messages"),
+    "max_tokens_too_large": ({"messages": [user("hi")], "max_tokens": 100000}, None, 400, "max_tokens_too_large"),
+    "negative_temperature": ({"messages": [user("hi")], "temperature": -1}, None, 400, "invalid_request"),
+    "unknown_model": ({"model": "gpt-4o", "messages": [user("hi")]}, None, 404, "model_not_found"),
+    "body_too_large": ({"messages": [user("x" * 1_100_000)]}, None, 413, "body_too_large"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_malformed_request_is_4xx_with_reason(app, kind):
+    body, raw, status, code = MALFORMED[kind]
+    resp = post(app, body, raw=raw)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code and err["message"]
+
+
+def test_body_limit_without_content_length(app):
+    """A chunked upload is cut at the limit too (no Content-Length to trust)."""
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 100_000
+        yield b'"}]}'
+
+    resp = requests.post(app["url"] + "/v1/chat/completions", data=chunks(),
+                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+def test_auth_required(app):
+    for token in (None, "wrong-token"):
+        resp = post(app, {"messages": [user("hi")]}, token=token)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(app["url"] + "/v1/models", timeout=10).status_code == 401
+    assert requests.get(app["url"] + "/health", timeout=10).status_code == 200  # probes need no token
+
+
+# ---- load, autoscaling, replica failure ------------------------------------------------------
+
+
+def run_load(client, n: int, concurrency: int, on_done=None) -> list[str]:
+    """``n`` text+audio requests, ``concurrency`` at a time; returns the error messages."""
+    errors: list[str] = []
+    audio = wav_bytes(1.0)
+
+    def one(i: int) -> None:
+        try:
+            out = client.chat.completions.create(
+                model="blsp", messages=[user(f"Request {i}: what is said?", audio)], max_tokens=8, temperature=0
+            )
+            assert out.choices[0].message.content is not None
+        except Exception as err:  # collected: the test reports every failure
+            errors.append(f"{i}: {type(err).__name__}: {err}")
+        if on_done:
+            on_done(i)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    return errors
+
+
+def controller_log(app, lines: int = 40) -> str:
+    """The tail of Serve's controller log (autoscaling decisions), for failure messages."""
+    logs = sorted(Path(app["temp_dir"]).glob("session_latest/logs/serve/controller_*.log"))
+    return "".join(logs[-1].read_text().splitlines(keepends=True)[-lines:]) if logs else "(no controller log)"
+
+
+def test_bounded_concurrent_load_has_no_errors(client):
+    assert run_load(client, n=64, concurrency=8) == []
+
+
+def test_load_scales_engine_to_two_replicas(app, client):
+    """Autoscaling min 1 / max 2, target 1 ongoing request: sustained load starts a second replica."""
+    assert engine_status().replica_states.get("RUNNING", 0) == 1
+    scaled = threading.Event()
+    errors: list[str] = []
+    seen: set[int] = set()
+
+    def load_until_scaled():
+        while not scaled.is_set():
+            errors.extend(run_load(client, n=16, concurrency=8))
+
+    loader = threading.Thread(target=load_until_scaled)
+    loader.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            running = engine_status().replica_states.get("RUNNING", 0)
+            seen.add(running)
+            if running == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        scaled.set()
+        loader.join()
+    assert errors == []
+    assert max(seen) == 2, f"engine never reached 2 running replicas: {sorted(seen)}\n{controller_log(app)}"
+
+
+def test_killed_replica_loses_no_request_and_recovers(app, client):
+    deadline = time.time() + 60
+    while len(engine_pids(app)) < 2 and time.time() < deadline:  # the previous test scaled it to 2
+        time.sleep(1)
+    pids = engine_pids(app)
+    victim = pids[0]
+    done = []
+    killed = threading.Event()
+
+    def on_done(i):
+        done.append(i)
+        if len(done) == 12 and not killed.is_set():
+            os.kill(victim, signal.SIGKILL)  # mid-load: the replica process dies with requests in flight
+            killed.set()
+
+    errors = run_load(client, n=48, concurrency=8, on_done=on_done)
+    assert killed.is_set()
+    # In-flight requests on the dead replica are re-sent to the other one (by Serve's router, or by
+    # the ingress when none of the reply had reached the client: /health counts those), so no
+    # accepted request is lost; at most the 8 in flight could be.
+    assert len(errors) <= 8
+    assert errors == [], errors
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        status = engine_status()
+        if status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) == len(pids) and victim not in engine_pids(app):
+            break
+        time.sleep(1)
+    assert victim not in engine_pids(app)
+    assert status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) == len(pids), status
+    assert run_load(client, n=4, concurrency=2) == []
+
+
+# ---- the chat page in a real browser ---------------------------------------------------------
+
+
+class Cdp:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def eval(self, expression: str):
+        out = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in out:
+            raise RuntimeError(f"{expression}: {out['exceptionDetails']}")
+        return out["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"page never satisfied: {expression}")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+LAST_REPLY = """(() => { const r = [...document.querySelectorAll('.turn.assistant, .turn.error')].pop();
+  return r && r.dataset.done ? r.className + '|' + r.textContent : null; })()"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+def test_chat_page_in_headless_chromium(app, tmp_path):
+    wav = tmp_path / "question.wav"
+    wav.write_bytes(wav_bytes(1.0))
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    proc = subprocess.Popen(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+         "--window-size=1000,800", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"
+        deadline = time.time() + 30
+        while not (port_file.exists() and port_file.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        pages = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        cdp = Cdp(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"])
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", url=app["url"] + "/")
+        cdp.wait_for("document.readyState === 'complete' && !!document.getElementById('audio')")
+        cdp.eval(f"document.getElementById('api-key').value = {json.dumps(TOKEN)}")
+        cdp.eval("document.getElementById('max-tokens').value = '12'")
+        # Turn 1: upload a wav, type an instruction, send.
+        root = cdp.call("DOM.getDocument")["root"]["nodeId"]
+        file_input = cdp.call("DOM.querySelector", nodeId=root, selector="#audio")["nodeId"]
+        cdp.call("DOM.setFileInputFiles", files=[str(wav)], nodeId=file_input)
+        cdp.wait_for("document.getElementById('audio').files.length === 1")
+        cdp.eval("document.getElementById('instruction').value = 'Please transcribe the following audio.'")
+        cdp.eval("document.getElementById('send').click()")
+        first = cdp.wait_for(LAST_REPLY)
+        assert first.startswith("turn assistant|BLSP: ") and len(first) > len("turn assistant|BLSP: "), first
+        # Turn 2: text only, the history (with the audio) goes along.
+        cdp.eval("document.getElementById('instruction').value = 'Say more.'")
+        cdp.eval("document.getElementById('send').click()")
+        cdp.wait_for("document.querySelectorAll('.turn.assistant, .turn.error').length === 2")
+        second = cdp.wait_for(LAST_REPLY)
+        assert second.startswith("turn assistant|BLSP: "), second
+        assert cdp.eval("messages.length") == 4
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = cdp.call("Page.captureScreenshot", format="png")["data"]
+        (ARTIFACTS / "serve_chat_page.png").write_bytes(base64.b64decode(shot))
+        assert (ARTIFACTS / "serve_chat_page.png").stat().st_size > 1000
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
