@@ -7,13 +7,14 @@ CONFIG ?= configs/tiny.yaml
 
 .PHONY: demo test setup clean
 
-# Debian packages: TTS voices (espeak-ng, flite) and WordNet's example sentences (the text BLSP-mini speaks).
-APT_PACKAGES := espeak-ng flite wordnet-base
-APT_MARKERS := /usr/bin/espeak-ng /usr/bin/flite /usr/share/wordnet/data.noun
+# Debian packages: TTS voices (espeak-ng, flite), WordNet example sentences (the text BLSP-mini speaks),
+# and chromium for the chat page browser test.
+APT_PACKAGES := espeak-ng flite wordnet-base chromium
+APT_MARKERS := /usr/bin/espeak-ng /usr/bin/flite /usr/share/wordnet/data.noun /usr/bin/chromium
 
 setup: $(STAMP) $(APT_MARKERS)
 
-$(APT_MARKERS):
+$(APT_MARKERS) &:
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)) || \
 	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES))
 

@@ -127,6 +127,8 @@ def init_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # a job's runtime env is set by the job; repeating it here is a conflict error
     elif cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": dict(cfg.cluster.env_vars)})
+        # The config names the job API (http://head:8265) for the driver; a process on a node joins with "auto".
+        address = "auto" if cfg.cluster.address.startswith("http") else cfg.cluster.address
+        ray.init(address=address, runtime_env={"env_vars": dict(cfg.cluster.env_vars)})
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -30,7 +30,7 @@ class S3Config(_Section):
 
 
 class ClusterConfig(_Section):
-    address: str | None = None  # None: start a local Ray head on 127.0.0.1 for the run
+    address: str | None = None  # the cluster's job API (http://head:8265); None: a local Ray head on 127.0.0.1
     storage_root: str = "runs"  # local path or s3://bucket/prefix
     run_id: str = "default"
     s3: S3Config = Field(default_factory=S3Config)
