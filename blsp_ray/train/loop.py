@@ -1,0 +1,331 @@
+"""The one training loop (Ray Train + DeepSpeed) behind stage 1 and stage 2, and its driver.
+
+Driver (``run_training``): builds the task's Ray Data dataset, a ``TorchTrainer`` with elastic
+scaling, failure retries and checkpoint storage under the run directory, then publishes the final
+Hugging Face export to the stage's place in ``RunLayout``.
+
+Workers (``train_loop_per_worker``): ``deepspeed.initialize`` on the task's trainable module,
+length-bucketed micro-batches from the Ray Data shard, ``ray.train.report`` every ``log_every``
+steps, and a checkpoint (HF export + DeepSpeed state + loop state) every ``save_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blsp_ray.config import BlspRayConfig
+from blsp_ray.layout import COMPLETE, join
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed state inside a Ray checkpoint (one merged dir, every rank's files)
+EXPORT_DIR = "hf"  # Hugging Face-layout export inside a Ray checkpoint
+STATE_FILE = "train_state.json"  # loop position + loss history
+LOSS_CURVE = "loss_curve.png"
+BUCKET_POOL = 16  # micro-batches pooled for length bucketing
+
+
+@dataclass
+class TrainResult:
+    export_dir: str  # where the final HF checkpoint was published (RunLayout)
+    checkpoint_path: str  # the last Ray checkpoint in storage
+    metrics: dict  # the last report of rank 0
+    history: list[dict] = field(default_factory=list)  # every report of rank 0
+
+
+# ---- worker side -------------------------------------------------------------------------------
+
+
+def _micro_batches_per_epoch(rows_per_worker: int, micro_batch_size: int, pool: int = BUCKET_POOL) -> int:
+    """What ``bucketed_batches`` yields for ``rows_per_worker`` rows (full pools, then the rest)."""
+    per_pool = micro_batch_size * pool
+    full, rest = divmod(rows_per_worker, per_pool)
+    return full * pool + math.ceil(rest / micro_batch_size)
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """Runs in every Ray Train worker; ``loop`` carries the config dict and the run's step budget."""
+    use_gpu = loop["use_gpu"]
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+    import deepspeed
+    import ray.train
+    import torch
+
+    from blsp_ray.train.batching import bucketed_batches
+    from blsp_ray.train.deepspeed_config import deepspeed_config
+    from blsp_ray.train.tasks import TASKS
+
+    cfg = BlspRayConfig.model_validate(loop["cfg"])
+    task = TASKS[loop["stage"]](cfg)
+    train = task.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    total_steps = loop["total_steps"]
+    torch.manual_seed(train.seed)
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray Train's process group
+    module = task.build(_torch_dtype(train.precision))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=trainable,  # frozen weights get no optimiser state
+        config=deepspeed_config(train, total_steps, world),
+    )
+
+    # ---- resume ----
+    state = {"epoch": 0, "micro_in_epoch": 0, "history": [], "world_size": world}
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            ckpt_dir = Path(ckpt_dir)
+            state = json.loads((ckpt_dir / STATE_FILE).read_text())
+            if state["world_size"] == world:
+                engine.load_checkpoint(str(ckpt_dir / DEEPSPEED_DIR), tag=state["tag"])
+            else:
+                # Elastic resize: DeepSpeed's partitioned state belongs to the old world size; take
+                # the weights from the HF export, a fresh optimiser, and the schedule's position.
+                log.warning("resuming %d-worker checkpoint on %d workers: optimizer state restarts",
+                            state["world_size"], world)
+                task.load_export(ckpt_dir / EXPORT_DIR)
+                engine.global_steps = state["step"]
+                scheduler.step(state["step"])
+        resumed_from = state["step"]
+        if rank == 0:
+            log.info("%s: resumed from step %d", task.name, resumed_from)
+    history: list[dict] = state["history"]
+
+    shard = ray.train.get_dataset_shard("train")
+    inject = loop.get("inject_failure")
+    step = engine.global_steps
+    window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+    window_parts: dict[str, float] = {}
+    epoch = state["epoch"]
+    skip = state["micro_in_epoch"]
+    engine.train()
+    while step < total_steps and epoch < loop["max_epochs"]:
+        micro_in_epoch = 0
+        batches = bucketed_batches(shard, train.micro_batch_size, BUCKET_POOL, "length", seed=train.seed + 1000 * epoch + rank)
+        for rows in batches:
+            micro_in_epoch += 1
+            if micro_in_epoch <= skip:  # consumed before the checkpoint we resumed from
+                continue
+            batch = task.collate(rows)
+            out = task.loss(engine, batch)
+            engine.backward(out["loss"])
+            engine.step()
+            window["loss"] += float(out["loss"].detach())
+            for k, v in out.items():
+                if k != "loss":
+                    window_parts[k] = window_parts.get(k, 0.0) + float(v.detach())
+            window["micro"] += 1
+            window["tokens"] += task.count_tokens(batch)
+            window["samples"] += len(rows)
+            if engine.global_steps == step:
+                continue  # inside a gradient-accumulation cycle
+            step = engine.global_steps
+            if inject and step == inject["step"] and rank == inject["rank"] % world and not Path(inject["marker"]).exists():
+                Path(inject["marker"]).touch()
+                raise RuntimeError(f"injected failure at step {step} on rank {rank}")
+            last = step >= total_steps
+            save = step % train.save_every == 0 or last
+            if not (save or step % train.log_every == 0):
+                continue
+            # ---- report (a barrier: every worker gets here at the same step) ----
+            elapsed = time.perf_counter() - window["t0"]
+            part_names = sorted(window_parts)
+            sums = _all_reduce([window["loss"], window["micro"], window["tokens"], window["samples"]]
+                               + [window_parts[k] for k in part_names])
+            peak = _all_reduce([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], op="max")[0]
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                "loss": sums[0] / max(sums[1], 1),
+                "lr": float(engine.get_lr()[0]),
+                "tokens_per_s": sums[2] / elapsed,
+                "samples_per_s": sums[3] / elapsed,
+                "peak_rss_gib": peak,  # per worker, the largest
+                "world_size": world,
+                "resumed_from": resumed_from,
+            }
+            for k, v in zip(part_names, sums[4:]):
+                metrics[f"loss_{k}"] = v / max(sums[1], 1)
+            history.append({"step": step, "loss": metrics["loss"]})
+            window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+            window_parts = {}
+            if not save:
+                ray.train.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory(prefix=f"{task.name}-ckpt-") as tmp:
+                tmp = Path(tmp)
+                tag = f"step{step}"
+                engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=tag)
+                task.export(engine, tmp / EXPORT_DIR, rank)
+                if rank == 0:
+                    loop_state = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch, "tag": tag,
+                                  "world_size": world, "history": history, "metrics": metrics}
+                    (tmp / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
+                    if last:
+                        _plot_loss(history, tmp / EXPORT_DIR / LOSS_CURVE, f"{task.name} training loss")
+                        (tmp / EXPORT_DIR / "train_metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                                 checkpoint_dir_name=f"checkpoint_{step:07d}")
+            if last:
+                break
+        epoch += 1
+        skip = 0
+
+
+# ---- driver side -------------------------------------------------------------------------------
+
+
+def _absolute(cfg: BlspRayConfig) -> BlspRayConfig:
+    """Local relative paths made absolute: Ray workers run in another directory."""
+
+    def fix(p: str) -> str:
+        return p if "://" in p or os.path.isabs(p) else os.path.abspath(p)
+
+    return cfg.model_copy(
+        update={
+            "cluster": cfg.cluster.model_copy(update={"storage_root": fix(cfg.cluster.storage_root)}),
+            "model": cfg.model.model_copy(update={"lm_path": fix(cfg.model.lm_path), "whisper_path": fix(cfg.model.whisper_path)}),
+        }
+    )
+
+
+def _storage_filesystem(cfg: BlspRayConfig, uri: str):
+    """(pyarrow filesystem or None, path): S3 with the configured endpoint, else local."""
+    if not uri.startswith("s3://"):
+        return None, uri
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=cfg.cluster.s3.endpoint_url, region=cfg.cluster.s3.region or "us-east-1")
+    return fs, uri[len("s3://"):]
+
+
+def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
+    """Copy the checkpoint's HF export to ``target`` (local: one atomic rename; S3: objects, then a marker)."""
+    import pyarrow.fs as pafs
+
+    from blsp_ray.storage import atomic_dir
+
+    src_fs, src = checkpoint.filesystem, join(checkpoint.path, EXPORT_DIR)
+    dst_fs, dst = _storage_filesystem(cfg, target)
+    if dst_fs is None:
+        with atomic_dir(dst) as tmp:
+            pafs.copy_files(src, str(tmp), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        Path(dst, COMPLETE).touch()
+    else:
+        dst_fs.delete_dir_contents(dst, missing_dir_ok=True)
+        pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        with dst_fs.open_output_stream(join(dst, COMPLETE)) as f:
+            f.write(b"")
+    return target
+
+
+def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = None) -> TrainResult:
+    """Train ``stage`` ("stage1" | "stage2") on the connected Ray cluster and publish its export.
+
+    ``inject_failure`` ({"step", "rank", "marker"}) makes one worker raise once at that step:
+    the fault-tolerance test's lost worker.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from blsp_ray.layout import RunLayout
+    from blsp_ray.train.tasks import TASKS
+
+    cfg = _absolute(cfg)
+    task = TASKS[stage](cfg)
+    train = task.train
+    dataset = task.dataset()
+    rows = dataset.count()
+    max_workers = cfg.cluster.num_workers
+    if rows < max_workers:
+        raise ValueError(f"{stage}: {rows} training rows for {max_workers} workers")
+    micro_per_epoch = _micro_batches_per_epoch(rows // max_workers, train.micro_batch_size)
+    steps_per_epoch = max(micro_per_epoch // train.grad_accum_steps, 1)
+    if train.max_steps is not None:
+        total_steps, max_epochs = train.max_steps, 10**9  # cycle the data until the step budget is spent
+    else:
+        total_steps, max_epochs = steps_per_epoch * train.epochs, train.epochs
+    log.info("%s: %d rows, %d workers, %d steps/epoch, %d steps", stage, rows, max_workers, steps_per_epoch, total_steps)
+
+    workers = max_workers if cfg.cluster.min_workers is None else (cfg.cluster.min_workers, max_workers)
+    storage_fs, storage_path = _storage_filesystem(cfg, join(RunLayout.of(cfg).stage(stage), "ray"))
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "stage": stage,
+            "total_steps": total_steps,
+            "max_epochs": max_epochs,
+            "use_gpu": cfg.cluster.use_gpu,
+            "inject_failure": inject_failure,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=dict(cfg.cluster.resources_per_worker)
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.cluster.run_id,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: training ended without a checkpoint")
+    export = publish_export(cfg, result.checkpoint, task.export_target)
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    log.info("%s: done, final metrics %s; exported to %s", stage, result.metrics, export)
+    return TrainResult(export, f"{result.checkpoint.path}", dict(result.metrics or {}), history)

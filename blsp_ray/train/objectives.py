@@ -1,0 +1,81 @@
+"""Stage-2 objectives: cross-entropy on the continuation (the paper's) and the BLSP-KD response KL.
+
+KL(teacher || student): the frozen LM reads the transcript (teacher) and the speech (student),
+each followed by the same continuation tokens; their next-token distributions are compared at
+every continuation position, token by token, with a temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blsp_ray.processing import IGNORE
+
+
+def response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(teacher/T) || softmax(student/T)), scaled by T^2 (gradient scale of CE).
+
+    student_logits, teacher_logits: [N, V] aligned rows.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits do not align")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # [N]
+    return kl.mean() * temperature**2
+
+
+def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM over [prefix | speech | suffix]; logits [N, V] only where a continuation token is predicted, and those tokens [N].
+
+    The vocabulary projection is the largest single matmul of a small LM; computing it only at
+    the continuation positions (a third or less of the sequence) gives the same loss for less.
+    """
+    inputs_embeds, attention_mask, labels = blsp.splice(
+        prompt["prefix_ids"], prompt["prefix_mask"], speech_embeds, speech_lengths,
+        prompt["suffix_ids"], prompt["suffix_mask"], prompt["suffix_labels"],
+    )
+    hidden = blsp.llama_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    keep = labels[:, 1:] != IGNORE  # [B, L-1]: position t predicts label t+1
+    logits = blsp.llama_model.lm_head(hidden[:, :-1][keep])  # [N, V]
+    return logits, labels[:, 1:][keep]
+
+
+def stage2_objective(
+    blsp,
+    batch: dict,
+    speech_embeds: torch.Tensor,
+    speech_lengths: torch.Tensor,
+    objective: str = "ce",
+    ce_weight: float = 1.0,
+    kl_weight: float = 1.0,
+    temperature: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """Loss of one stage-2 batch given adapter output ``speech_embeds`` [B, S, H] (lengths [B]).
+
+    ``batch`` holds the collated prompt tensors (prefix/suffix ids, masks, labels) and, for
+    ``kl``, ``transcript_ids`` [B, T] + ``transcript_lengths`` [B]: the transcript's tokens, which
+    the teacher reads where the student reads speech. Returns ``loss`` and its parts. The CE is
+    the same as ``BlspModel.forward``'s loss (mean over continuation tokens).
+    """
+    if objective not in ("ce", "kl", "ce+kl"):
+        raise ValueError(f"unknown stage-2 objective {objective!r} (ce | kl | ce+kl)")
+    prompt = {k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "suffix_labels")}
+    student_logits, targets = continuation_forward(blsp, prompt, speech_embeds, speech_lengths)
+    parts: dict[str, torch.Tensor] = {"ce": F.cross_entropy(student_logits.float(), targets)}
+    if objective in ("kl", "ce+kl"):
+        with torch.no_grad():
+            transcript_embeds = blsp.llama_model.get_input_embeddings()(batch["transcript_ids"])  # [B, T, H]
+            # Same continuation after the transcript: the rows line up token by token with the student's.
+            teacher_logits, _ = continuation_forward(blsp, prompt, transcript_embeds, batch["transcript_lengths"])
+        parts["kl"] = response_kl(student_logits, teacher_logits, temperature)
+    if objective == "ce":
+        loss = parts["ce"]
+    elif objective == "kl":
+        loss = parts["kl"]
+    else:
+        loss = ce_weight * parts["ce"] + kl_weight * parts["kl"]
+    return {"loss": loss, **parts}

@@ -1,0 +1,308 @@
+"""What differs between stage 1 and stage 2: model, data and trainable parameters. The loop is shared.
+
+A task is built on the driver (datasets) and again inside each Ray Train worker (model, loss,
+export) from the same config, so nothing heavy is pickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from blsp_ray.config import BlspRayConfig, TrainConfig
+from blsp_ray.layout import RunLayout
+from blsp_ray.processing import IGNORE, BlspProcessor
+
+log = logging.getLogger(__name__)
+FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False) -> BlspProcessor:
+    return BlspProcessor.from_paths(lm_path, whisper_path, pad_audio_to_30s)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(lm_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(lm_path)
+
+
+def _is_local_dir(uri: str) -> bool:
+    return "://" not in uri and Path(uri).is_dir()
+
+
+def _as_list(value) -> list[int]:
+    return [int(v) for v in value]
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+# ---- stage 1 -------------------------------------------------------------------------------------
+
+
+def tokenize_stage1(batch: dict, lm_path: str, max_tokens: int) -> dict:
+    """Ray Data map: {"instruction","output"} rows -> input_ids, labels, length (bad rows dropped, counted)."""
+    tokenizer = _tokenizer(lm_path)
+    processor = BlspProcessor(tokenizer, feature_extractor=None)
+    ids, labels, lengths = [], [], []
+    dropped = 0
+    for instruction, output in zip(batch["instruction"], batch["output"]):
+        if not isinstance(instruction, str) or not isinstance(output, str) or not instruction.strip() or not output.strip():
+            dropped += 1
+            continue
+        ex = processor.text_example(instruction, output, max_tokens)
+        if not any(l != IGNORE for l in ex["labels"]):  # prompt alone fills max_tokens: nothing to learn
+            dropped += 1
+            continue
+        ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
+        labels.append(np.asarray(ex["labels"], dtype=np.int64))
+        lengths.append(len(ex["input_ids"]))
+    if dropped:
+        log.warning("stage 1: dropped %d of %d rows (empty instruction/output or prompt over %d tokens)",
+                    dropped, len(batch["instruction"]), max_tokens)
+    return {"input_ids": ids, "labels": labels, "length": np.asarray(lengths, dtype=np.int64)}
+
+
+class Stage1Task:
+    """Full fine-tuning of the LM on instruction data; loss only on the response."""
+
+    name = "stage1"
+
+    def __init__(self, cfg: BlspRayConfig):
+        self.cfg = cfg
+        self.layout = RunLayout.of(cfg)
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.cfg.stage1
+
+    @property
+    def export_target(self) -> str:
+        return self.layout.stage1_model
+
+    def dataset(self):
+        import ray.data
+
+        path = self.layout.stage1_data
+        ds = ray.data.read_json(path, lines=True)
+        return ds.map_batches(
+            tokenize_stage1,
+            fn_kwargs={"lm_path": self.cfg.model.lm_path, "max_tokens": self.cfg.data.max_stage1_tokens},
+            batch_format="numpy",
+            batch_size=256,
+        )
+
+    # -- worker side --
+
+    def build(self, dtype: torch.dtype) -> nn.Module:
+        from transformers import LlamaForCausalLM
+
+        self.lm = LlamaForCausalLM.from_pretrained(self.cfg.model.lm_path, dtype=dtype)
+        self.lm.train()
+        return self.lm
+
+    def collate(self, rows: list[dict]) -> dict:
+        pad_id = _tokenizer(self.cfg.model.lm_path).pad_token_id
+        ids = [_as_list(r["input_ids"]) for r in rows]
+        return {
+            "input_ids": _pad(ids, pad_id),
+            "attention_mask": _pad([[1] * len(i) for i in ids], 0),
+            "labels": _pad([_as_list(r["labels"]) for r in rows], IGNORE),
+        }
+
+    def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": engine(**batch).loss}
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def export(self, engine, out_dir: Path, rank: int) -> None:
+        """Hugging Face LM dir (weights + tokenizer); collective under ZeRO-3."""
+        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        if rank != 0:
+            return
+        if state is not None:
+            self.lm.save_pretrained(out_dir, state_dict=state)
+        else:
+            self.lm.save_pretrained(out_dir)
+        _tokenizer(self.cfg.model.lm_path).save_pretrained(out_dir)
+
+    def load_export(self, hf_dir: Path) -> None:
+        """Weights from a previous export (resuming on a different number of workers)."""
+        from transformers import LlamaForCausalLM
+
+        self.lm.load_state_dict(LlamaForCausalLM.from_pretrained(hf_dir, dtype=self.lm.dtype).state_dict())
+
+
+# ---- stage 2 -------------------------------------------------------------------------------------
+
+
+def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per_embedding: int) -> dict:
+    """Ray Data map over preprocessed shards: a length estimate for bucketing (+ transcript ids for KL)."""
+    hop = 160
+    out = {k: batch[k] for k in ("waveform", "prefix_ids", "suffix_ids", "suffix_labels")}
+    speech = np.asarray([len(w) // hop // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
+    out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], batch["suffix_ids"])])
+    if with_transcripts:
+        tokenizer = _tokenizer(lm_path)
+        # The teacher reads " transcript" where the student reads speech (labelling's prompt).
+        out["transcript_ids"] = [
+            np.asarray(tokenizer(" " + str(t), add_special_tokens=False)["input_ids"], dtype=np.int64) for t in batch["text"]
+        ]
+    return out
+
+
+class AdapterModule(nn.Module):
+    """The trainable part of BLSP (subsampler, adapter, LayerNorm) as one module for DeepSpeed.
+
+    Only these parameters get optimiser state and gradients; the frozen Whisper encoder and LM
+    stay plain modules beside it (under ZeRO-3 they are replicated, not partitioned).
+    """
+
+    def __init__(self, blsp):
+        super().__init__()
+        self.subsampler = blsp.subsampler
+        self.adapter = blsp.adapter
+        self.speech_ln = blsp.speech_ln
+
+    def forward(self, encoder_hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from blsp_ray.modeling import BlspModel
+
+        return BlspModel.adapt(self, encoder_hidden, lengths)  # same attribute names as BlspModel
+
+
+class Stage2Task:
+    """Whisper encoder and LM frozen; only the adapter trains, on the continuation tokens."""
+
+    name = "stage2"
+
+    def __init__(self, cfg: BlspRayConfig):
+        self.cfg = cfg
+        self.layout = RunLayout.of(cfg)
+
+    @property
+    def train(self):
+        return self.cfg.stage2
+
+    @property
+    def export_target(self) -> str:
+        return self.layout.stage2_model
+
+    @property
+    def lm_path(self) -> str:
+        """The stage-1 checkpoint when the run has one, else the configured LM."""
+        stage1 = self.layout.stage1_model
+        if _is_local_dir(stage1) and (Path(stage1) / "config.json").exists():
+            return str(Path(stage1).resolve())
+        return self.cfg.model.lm_path
+
+    @property
+    def needs_transcripts(self) -> bool:
+        return self.train.objective in ("kl", "ce+kl")
+
+    def dataset(self):
+        import ray.data
+
+        columns = ["waveform", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
+        ds = ray.data.read_parquet(self.layout.preprocessed, columns=columns)
+        frames_per_embedding = 2 ** (1 + len(self.cfg.model.conv_kernel_sizes.split(",")))
+        return ds.map_batches(
+            prepare_stage2,
+            fn_kwargs={"lm_path": self.lm_path, "with_transcripts": self.needs_transcripts,
+                       "frames_per_embedding": frames_per_embedding},
+            batch_format="numpy",
+            batch_size=64,
+        )
+
+    # -- worker side --
+
+    def build(self, dtype: torch.dtype) -> nn.Module:
+        from blsp_ray.modeling import build_blsp
+
+        settings = self.cfg.model.model_copy(update={"lm_path": self.lm_path})
+        self.blsp = build_blsp(settings)
+        self.blsp.freeze_backbones()
+        self.blsp.whisper_model.to(dtype)
+        self.blsp.llama_model.to(dtype)
+        self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
+        return AdapterModule(self.blsp)
+
+    def collate(self, rows: list[dict]) -> dict:
+        examples = [
+            {"prefix_ids": _as_list(r["prefix_ids"]), "suffix_ids": _as_list(r["suffix_ids"]),
+             "suffix_labels": _as_list(r["suffix_labels"])}
+            for r in rows
+        ]
+        batch = self.processor.collate_speech(examples, [np.asarray(r["waveform"], dtype=np.float32) for r in rows])
+        if self.needs_transcripts:
+            ids = [_as_list(r["transcript_ids"]) or [self.processor.pad_id] for r in rows]
+            batch["transcript_ids"] = _pad(ids, self.processor.pad_id)
+            batch["transcript_lengths"] = torch.tensor([len(i) for i in ids])
+        return batch
+
+    def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        from blsp_ray.train.objectives import stage2_objective
+
+        with torch.no_grad():  # frozen encoder: no graph through it
+            hidden, lengths = self.blsp.encode_speech(batch["speech"])
+        speech_embeds, speech_lengths = engine(hidden.to(next(engine.module.parameters()).dtype), lengths)
+        t = self.train
+        return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
+                                t.objective, t.ce_weight, t.kl_weight, t.kl_temperature)
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int(batch["prefix_mask"].sum() + batch["suffix_mask"].sum())
+
+    def export(self, engine, out_dir: Path, rank: int) -> None:
+        """Adapter-only checkpoint (``save_adapter``); collective under ZeRO-3 (the adapter is small)."""
+        import contextlib
+
+        import deepspeed
+
+        gather = (
+            deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+            if engine.zero_optimization_stage() == 3 else contextlib.nullcontext()
+        )
+        with gather:
+            if rank == 0:
+                self.blsp.save_adapter(out_dir, self.lm_path, self.cfg.model.whisper_path)
+                (Path(out_dir) / FROZEN_DIGEST).write_text(json.dumps(frozen_digest(self.blsp), indent=2))
+
+    def load_export(self, hf_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        from blsp_ray.modeling import ADAPTER_WEIGHTS
+
+        self.blsp.load_state_dict(load_file(Path(hf_dir) / ADAPTER_WEIGHTS), strict=False)
+
+
+TASKS = {"stage1": Stage1Task, "stage2": Stage2Task}
+
+
+def frozen_digest(blsp) -> dict[str, str]:
+    """sha256 of the Whisper encoder's and the LM's weights: proof that stage 2 left them untouched."""
+    import hashlib
+
+    out = {}
+    for name in ("whisper_model", "llama_model"):
+        h = hashlib.sha256()
+        for key, tensor in sorted(getattr(blsp, name).state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out

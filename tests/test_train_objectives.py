@@ -1,0 +1,78 @@
+"""Stage-2 objectives (issue 10): CE on the continuation, response KL against the transcript-reading teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blsp_ray.audio import load_audio
+from blsp_ray.modeling import build_blsp_from_parts
+from blsp_ray.processing import BlspProcessor
+from blsp_ray.storage import read_jsonl
+from blsp_ray.train.objectives import response_kl, stage2_objective
+
+INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_assets, speech_corpus):
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+    model.freeze_backbones()
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    rows = read_jsonl(speech_corpus["train"])[:3]
+    targets = ["and then it rained all day.", "so we went home early.", "which surprised everyone."]
+    batch = proc.collate_speech([proc.speech_prompt(INSTRUCTION, t) for t in targets], [load_audio(r["audio"]) for r in rows])
+    ids = [proc.tokenizer(" " + r["text"], add_special_tokens=False)["input_ids"] for r in rows]
+    batch["transcript_ids"] = torch.full((len(ids), max(map(len, ids))), proc.pad_id, dtype=torch.long)
+    for i, row in enumerate(ids):
+        batch["transcript_ids"][i, : len(row)] = torch.tensor(row)
+    batch["transcript_lengths"] = torch.tensor([len(r) for r in ids])
+    return model, batch
+
+
+def test_kl_is_zero_when_speech_equals_the_transcript_embeddings(setup):
+    model, batch = setup
+    stand_in = model.llama_model.get_input_embeddings()(batch["transcript_ids"])  # [B, T, H]
+    with torch.no_grad():
+        parts = stage2_objective(model, batch, stand_in, batch["transcript_lengths"], objective="kl", temperature=2.0)
+    assert abs(float(parts["kl"])) < 1e-6
+    assert float(parts["ce"]) > 1.0  # the CE itself is not zero: the continuation is unlikely for a random LM
+
+
+def test_kl_on_real_speech_is_positive_and_trains_only_the_adapter(setup):
+    model, batch = setup
+    model.zero_grad(set_to_none=True)
+    embeds, lengths = model.speech_embeddings(batch["speech"])
+    parts = stage2_objective(model, batch, embeds, lengths, objective="kl", temperature=2.0)
+    assert float(parts["kl"].detach()) > 1e-3
+    parts["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("subsampler.", "adapter.", "speech_ln.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_ce_plus_kl_is_the_weighted_sum(setup):
+    model, batch = setup
+    with torch.no_grad():
+        embeds, lengths = model.speech_embeddings(batch["speech"])
+        both = stage2_objective(model, batch, embeds, lengths, objective="ce+kl", ce_weight=0.3, kl_weight=0.7)
+        ce = stage2_objective(model, batch, embeds, lengths, objective="ce")["loss"]
+        kl = stage2_objective(model, batch, embeds, lengths, objective="kl")["loss"]
+    torch.testing.assert_close(both["loss"], 0.3 * ce + 0.7 * kl)
+    torch.testing.assert_close(both["ce"], ce)
+    with torch.no_grad():  # the continuation-only CE is BlspModel.forward's loss
+        full = model(**{k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "suffix_labels")},
+                     speech_embeds=embeds, speech_lengths=lengths).loss
+    torch.testing.assert_close(ce, full)
+
+
+def test_response_kl_matches_definition():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    t = 2.0
+    p = torch.softmax(teacher / t, -1)
+    expected = (p * (torch.log(p) - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    torch.testing.assert_close(response_kl(student, teacher, t), expected)
