@@ -80,3 +80,41 @@ def ray_cluster(tmp_root):
     finally:
         ray.shutdown()
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) in its own process on 127.0.0.1.
+
+    Its own process, not moto imported here: that keeps Flask out of the test process (vLLM's kernel
+    scan trips over Flask's context proxies) and tests talk to S3 over HTTP as they would for real.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from blsp_ray.cluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}")
+            time.sleep(0.2)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

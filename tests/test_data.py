@@ -173,31 +173,20 @@ def test_unconfigured_source_is_a_clear_error(tmp_path):
         prepare_asr(cfg_for(tmp_path), "gigaspeech")
 
 
-def test_outputs_to_s3(tmp_path, monkeypatch):
-    """s3:// outputs through pyarrow's S3 filesystem, against a local moto S3 server on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
+def test_outputs_to_s3(tmp_path, s3_server):
+    """s3:// outputs through pyarrow's S3 filesystem, against a local S3-compatible server on 127.0.0.1."""
+    import boto3
 
-    from blsp_ray.cluster import free_port
     from blsp_ray.config import S3Config
     from blsp_ray.data.common import exists, list_dir, open_input
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="blsp-data")
-        s3 = S3Config(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
-        src = tmp_path / "alpaca_data.json"
-        src.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}]))
-        summary = prepare_alpaca(str(src), "s3://blsp-data/run/data/stage1.jsonl", s3)
-        assert summary["kept"] == 1
-        assert list_dir("s3://blsp-data/run/data", s3) == ["stage1.jsonl", "stage1.summary.json"]
-        with open_input("s3://blsp-data/run/data/stage1.jsonl", s3) as f:
-            assert json.loads(f.read()) == {"instruction": "Say hi.", "output": "hi"}
-        assert not exists("s3://blsp-data/run/data/other.jsonl", s3)
-    finally:
-        server.stop()
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="blsp-data")
+    s3 = S3Config(endpoint_url=s3_server, region="us-east-1")
+    src = tmp_path / "alpaca_data.json"
+    src.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}]))
+    summary = prepare_alpaca(str(src), "s3://blsp-data/run/data/stage1.jsonl", s3)
+    assert summary["kept"] == 1
+    assert list_dir("s3://blsp-data/run/data", s3) == ["stage1.jsonl", "stage1.summary.json"]
+    with open_input("s3://blsp-data/run/data/stage1.jsonl", s3) as f:
+        assert json.loads(f.read()) == {"instruction": "Say hi.", "output": "hi"}
+    assert not exists("s3://blsp-data/run/data/other.jsonl", s3)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from blsp_ray.audio import load_audio
 from blsp_ray.config import GenerateConfig
 from blsp_ray.storage import read_jsonl, write_jsonl
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback cluster: no token either way
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Please transcribe the following audio."
 

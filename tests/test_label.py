@@ -20,8 +20,6 @@ from blsp_ray.config import config_from_dict
 from blsp_ray.label import ROW_ID, Drop, run_label, stats_dir, summary_path
 from blsp_ray.layout import RunLayout
 
-# Whether a local cluster wants a token otherwise depends on whether ~/.ray/auth_token exists.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat while rain fell over quiet hills and the river ran past old stone walls".split()
 

@@ -6,15 +6,6 @@ they left; ZeRO-2/3 and the fault test run the library in-process on the same cl
 
 from __future__ import annotations
 
-import os
-
-# Ray reads this when first imported; the session fixture sets it only after importing Ray, so a
-# driver would otherwise dial the machine's non-loopback address and hang.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Explicit: otherwise whether a cluster wants a token depends on whether ~/.ray/auth_token exists
-# when it starts (another local ray.init may create it), and drivers fail InvalidAuthToken.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 import json
 import subprocess
 import sys
