@@ -27,7 +27,7 @@ from blsp_ray.audio import AudioError, load_audio
 from blsp_ray.config import BlspRayConfig, EngineConfig, S3Config
 from blsp_ray.engines import Generation, GenerationSettings, TransformersEngine, VllmEngine, engine_pool
 from blsp_ray.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, load_blsp
-from blsp_ray.processing import BlspProcessor
+from blsp_ray.processing import BlspProcessor, log_mel
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def decode_row(row: dict, feature_extractor_path: str, max_duration_s: float, pa
         wav = load_audio(item["audio"])
         if len(wav) / 16000 >= max_duration_s:
             raise AudioError("too_long", f"{item['audio']}: {len(wav) / 16000:.1f}s >= {max_duration_s}s")
-        feats = _feature_extractor(feature_extractor_path)(wav, sampling_rate=16000, return_tensors="np")["input_features"][0]
-        frames = max(1, min(len(wav) // 160, feats.shape[-1]))  # real frames (as BlspProcessor.features)
-        kept = feats if pad_audio_to_30s else feats[:, :frames]  # the 30 s padding only where the encoder reads it
-        out.update(features=kept.astype(np.float32).ravel(), n_mels=feats.shape[0], frames=frames)
+        # The clip's own frames only (30 s only where the encoder reads the padding), as in training.
+        speech = log_mel(_feature_extractor(feature_extractor_path), [wav], pad_audio_to_30s)
+        feats = speech.features[0].numpy()  # [n_mels, F]
+        out.update(features=feats.ravel(), n_mels=feats.shape[0], frames=int(speech.frame_lengths[0]))
     except AudioError as err:
         out["error"] = str(err)
     except (json.JSONDecodeError, ValueError) as err:

@@ -24,6 +24,26 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
+def log_mel(
+    feature_extractor: WhisperFeatureExtractor, waveforms: Sequence[np.ndarray], pad_audio_to_30s: bool = False
+) -> SpeechBatch:
+    """16 kHz mono waveforms -> log-mel [B, n_mels, F] and real frame counts [B].
+
+    F is the longest clip's frame count, or 3000 (30 s) with ``pad_audio_to_30s``, as the original.
+    """
+    waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
+    feats = feature_extractor(
+        waveforms,
+        sampling_rate=SAMPLE_RATE,
+        padding="max_length" if pad_audio_to_30s else "longest",
+        return_tensors="pt",
+    )["input_features"]
+    # The STFT yields n_samples // hop frames (its attention mask counts one more for a partial hop).
+    hop = feature_extractor.hop_length
+    lengths = torch.tensor([len(w) // hop for w in waveforms]).clamp(1, feats.shape[-1])
+    return SpeechBatch(features=feats, frame_lengths=lengths)
+
+
 class BlspProcessor:
     """Turns (instruction, speech or text, target) into model inputs, for training and inference."""
 
@@ -82,17 +102,7 @@ class BlspProcessor:
 
     def features(self, waveforms: Sequence[np.ndarray]) -> SpeechBatch:
         """16 kHz mono waveforms -> log-mel [B, n_mels, F] and real frame counts [B]."""
-        waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
-        feats = self.feature_extractor(
-            waveforms,
-            sampling_rate=SAMPLE_RATE,
-            padding="max_length" if self.pad_audio_to_30s else "longest",
-            return_tensors="pt",
-        )["input_features"]
-        # The STFT yields n_samples // hop frames (its attention mask counts one more for a partial hop).
-        hop = self.feature_extractor.hop_length
-        lengths = torch.tensor([len(w) // hop for w in waveforms]).clamp(1, feats.shape[-1])
-        return SpeechBatch(features=feats, frame_lengths=lengths)
+        return log_mel(self.feature_extractor, waveforms, self.pad_audio_to_30s)
 
     def collate_speech(self, examples: Sequence[dict], waveforms: Sequence[np.ndarray] | None = None) -> dict:
         """Batch speech_prompt() outputs (+ waveforms) into BlspModel.forward/generate kwargs."""
