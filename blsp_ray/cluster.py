@@ -32,6 +32,16 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 os.environ.update(LOOPBACK_ENV)
 
 
+# `ray start` for a node joining a loopback cluster. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray
+# refuses to start a joining node at all; with =1 it rewrites the head's 127.0.0.1 to the machine's
+# own address, where nothing listens. So the joining node gets =1 with loopback addresses kept.
+_JOIN_ON_LOOPBACK = (
+    "import sys; import ray._private.services as services; "
+    "services.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,12 +62,12 @@ class LocalRayCluster:
         """Join another raylet (same machine, its own resources): a node joining mid-job."""
         # A joining node takes the head's temp dir, so stop() finds its processes too.
         cmd = [
-            _ray_cli(), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+            sys.executable, "-c", _JOIN_ON_LOOPBACK, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}",
         ]
         if resources:
             cmd.append(f"--resources={resources}")
-        _run(cmd)
+        _run(cmd, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
 
     def stop(self) -> None:
         """End this cluster's processes (and their children) and remove its files."""
@@ -88,9 +98,12 @@ class LocalRayCluster:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(cmd: list[str]) -> None:
-    env = {**os.environ, **LOOPBACK_ENV}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def _run(cmd: list[str], extra_env: dict[str, str] | None = None, timeout_s: float = 180) -> None:
+    env = {**os.environ, **LOOPBACK_ENV, **(extra_env or {})}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{' '.join(cmd[:5])[:200]} did not finish in {timeout_s}s:\n{err.stderr or ''}") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
@@ -116,19 +129,31 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
     return cluster
 
 
+def job_env(cfg) -> dict[str, str]:
+    """Environment of every job and its workers: ``cluster.env_vars`` + the S3 endpoint of the config."""
+    from blsp_ray.storage import s3_env
+
+    return {**cfg.cluster.env_vars, **s3_env(cfg.cluster.s3)}
+
+
 def init_ray(cfg) -> None:
     """Connect this driver to its cluster: inside ``ray job submit`` the job's own (RAY_ADDRESS, whose
-    runtime env the job already carries), else ``cluster.address`` with the config's env vars; with
-    neither, a local Ray on loopback for this process."""
+    runtime env the job already carries), else ``cluster.address`` with ``job_env``; with neither, a
+    local Ray on loopback for this process."""
     import ray
+
+    from blsp_ray.storage import s3_env
 
     if ray.is_initialized():
         return
+    # This process reads s3:// too (Ray Data plans its reads here).
+    for key, value in s3_env(cfg.cluster.s3).items():
+        os.environ.setdefault(key, value)
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # a job's runtime env is set by the job; repeating it here is a conflict error
     elif cfg.cluster.address:
         # The config names the job API (http://head:8265) for the driver; a process on a node joins with "auto".
         address = "auto" if cfg.cluster.address.startswith("http") else cfg.cluster.address
-        ray.init(address=address, runtime_env={"env_vars": dict(cfg.cluster.env_vars)})
+        ray.init(address=address, runtime_env={"env_vars": job_env(cfg)})
     else:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")

@@ -57,6 +57,9 @@ class ModelConfig(_Section):
     # The original pads every clip to 30 s and runs the encoder over the padding. Off by default
     # (real-length input, much less compute); on for parity with checkpoints trained that way.
     pad_audio_to_30s: bool = False
+    # A fresh adapter's LayerNorm gain = RMS of the LM's token embeddings (speech at the scale of
+    # text); False: LayerNorm's gain 1, as the original.
+    match_embedding_scale: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Architectures (Hugging Face config fields) for when the checkpoints are not at hand:
     # sizing the model on the meta device, planning memory. Loading always uses the checkpoint's.
@@ -235,7 +238,13 @@ class Stage2Config(TrainConfig):
     ce_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(1.0, ge=0)
     kl_temperature: float = Field(2.0, gt=0)
+    # Auxiliary CTC of the transcript over the adapter's output, scored against the LM's token
+    # embeddings (objectives.embedding_ctc), added with this weight; 0: off (the paper's stage 2).
+    ctc_weight: float = Field(0.0, ge=0)
     cache_encoder_outputs: bool = False  # the encoder is frozen: compute once, reuse across epochs
+    # Held-out clips (BlspRayConfig.heldout_manifest) scored at every report by rank 0: NLL and
+    # KL(transcript || speech) of the teacher's continuations over steps (blsp_ray.alignment). 0: off.
+    eval_rows: int = Field(0, ge=0)
 
 
 class EngineConfig(_Section):
@@ -245,10 +254,16 @@ class EngineConfig(_Section):
     temperature: float = Field(0.0, ge=0)  # 0: greedy, as the seed
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = 0
+    # Generation ends at the first of these strings (the text stops before it). ["###"] for an LM
+    # that was not tuned on the seed's "###[Human]/###[Assistant]" format and writes the next turn.
+    stop: list[str] = Field(default_factory=list)
     min_replicas: int = Field(1, ge=1)  # engine actors: Ray Data's autoscaling pool grows to max_replicas
     max_replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
     cpus_per_replica: float = Field(1.0, gt=0)
+    # Custom Ray resources each replica asks for, e.g. {"accelerator_type:A100": 0.001}, or a node
+    # label resource that keeps engines off the head.
+    resources_per_replica: dict[str, float] = Field(default_factory=dict)
     vllm_enforce_eager: bool = True
     vllm_kv_cache_gib: float = Field(1.0, gt=0)  # CPU build: VLLM_CPU_KVCACHE_SPACE
     vllm_max_model_len: int = Field(512, ge=16)
@@ -281,6 +296,9 @@ class EvaluateConfig(_Section):
     metrics: list[Literal["wer", "cer", "bleu", "chrf", "alignment"]] = Field(
         default_factory=lambda: ["wer", "cer", "bleu", "chrf", "alignment"]
     )
+    # The held-out alignment table (untrained adapter, trained, shuffled speech, transcript) over
+    # this many held-out clips; 0: off.
+    table_rows: int = Field(0, ge=0)
 
 
 class ServeConfig(EngineConfig):
@@ -315,6 +333,12 @@ class BlspRayConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def heldout_manifest(self) -> str | None:
+        """Held-out speech the run is evaluated on: ``generate.input_file``, else the speech section's heldout.jsonl."""
+        if self.generate.input_file:
+            return self.generate.input_file
+        return f"{self.speech.out_dir}/heldout.jsonl" if self.speech is not None else None
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

@@ -11,6 +11,7 @@ generation settings are per request, so a row's output does not depend on its ba
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -32,10 +33,17 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = 0
+    stop: tuple[str, ...] = ()  # generation ends at the first of these; the text stops before it
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> GenerationSettings:
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, tuple(cfg.stop))
+
+    def cut(self, text: str) -> str:
+        """``text`` up to the first stop string."""
+        for stop in self.stop:
+            text = text.split(stop, 1)[0]
+        return text
 
     @property
     def greedy(self) -> bool:
@@ -43,7 +51,8 @@ class GenerationSettings:
 
     def columns(self, engine: str) -> dict:
         """Generation-settings columns of an output row (``gen_*``)."""
-        return {"gen_engine": engine, **{f"gen_{k}": v for k, v in asdict(self).items()}}
+        values = {**asdict(self), "stop": json.dumps(list(self.stop))}  # a string column, whatever the list
+        return {"gen_engine": engine, **{f"gen_{k}": v for k, v in values.items()}}
 
 
 @dataclass
@@ -77,7 +86,7 @@ class TextEngine(ABC):
         return self.generate_ids([self.tokenize(p) for p in prompts])
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.settings.cut(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 # ---- vLLM ---------------------------------------------------------------------------------------
@@ -121,6 +130,7 @@ def vllm_sampling_params(settings: GenerationSettings):
         temperature=settings.temperature,
         top_p=settings.top_p,
         seed=None if settings.greedy else settings.seed,
+        stop=list(settings.stop) or None,
         skip_special_tokens=True,
     )
 
@@ -214,6 +224,8 @@ class TransformersEngine(TextEngine):
     def _generate_kwargs(self) -> dict:
         s = self.settings
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         if s.greedy:
             return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         return {**kwargs, "do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": None}

@@ -74,11 +74,58 @@ def alignment_scores(speech_continuations: Sequence[str], text_continuations: Se
     return out
 
 
+TABLE_COLUMNS = {"nll": "NLL (nats/token)", "kl": "KL(text‖·)", "chrf": "chrF vs text cont.", "bleu": "BLEU vs text cont.",
+                 "wer": "WER (transcribe)", "word_recall": "word recall"}
+
+
 def markdown_table(report: dict) -> str:
     rows = [(k, v) for k, v in report["metrics"].items()]
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    table = report.get("alignment_table")
+    if table:
+        lines += ["", f"Held-out alignment ({table['rows']} clips of held-out voices); "
+                  f"NLL gap closed by training: {table['gap_closed']:.1%}", "",
+                  "| condition | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+        for name, scores in table["conditions"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" for k in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def alignment_table(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> dict:
+    """Held-out rows scored for the untrained adapter (a fresh init), the trained one, the trained one
+    fed another clip (shuffled), and the transcript itself (upper bound). See ``blsp_ray.alignment``."""
+    import copy
+
+    from blsp_ray.alignment import HeldoutSet
+    from blsp_ray.audio import load_audio
+    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.inference import SpeechGenerator, local_checkpoint
+    from blsp_ray.modeling import embedding_rms
+    from blsp_ray.train.tasks import AdapterModule
+
+    generator = SpeechGenerator(local_checkpoint(blsp_model, cfg.cluster.s3), cfg.generate.model_copy(update={"engine": "transformers"}))
+    held = HeldoutSet(generator.model, generator.processor, rows, [load_audio(r["audio"]) for r in rows],
+                      GenerationSettings.from_config(cfg.label), cfg.generate.batch_size, cfg.stage2.instruction)
+    trained = AdapterModule(generator.model).eval()
+    untrained = copy.deepcopy(trained)
+    torch.manual_seed(cfg.stage2.seed)
+    for module in untrained.modules():
+        if module is not untrained and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    if cfg.model.match_embedding_scale:  # the init stage 2 started from (build_blsp_from_parts)
+        with torch.no_grad():
+            untrained.speech_ln.weight.fill_(embedding_rms(generator.model.llama_model))
+    conditions = {
+        "untrained adapter": held.scores(untrained, "speech"),
+        "trained adapter": held.scores(trained, "speech"),
+        "shuffled speech": held.scores(trained, "shuffled"),
+        "transcript": held.scores(None, "transcript"),
+    }
+    nll = {k: v["nll"] for k, v in conditions.items()}
+    gap = nll["untrained adapter"] - nll["transcript"]
+    return {"rows": len(held), "conditions": conditions,
+            "gap_closed": (nll["untrained adapter"] - nll["trained adapter"]) / gap if gap > 0 else float("nan")}
 
 
 def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, reference_field: str = "reference",
@@ -86,18 +133,19 @@ def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, ref
     """Score ``predictions_file`` (jsonl with ``hypothesis_field`` and ``reference_field``); with a
     BLSP checkpoint and ``alignment`` in the metrics, also behaviour alignment on rows with audio +
     ``text``. Writes ``report.json`` and ``report.md`` to ``output_dir``."""
-    from blsp_ray.data.common import open_output
     from blsp_ray.layout import join
-    from blsp_ray.storage import read_jsonl
+    from blsp_ray.storage import open_output, read_jsonl
 
     t0 = time.time()
-    rows = read_jsonl(predictions_file)
+    rows = read_jsonl(predictions_file, cfg.cluster.s3)
     scored = [r for r in rows if not r.get("error") and isinstance(r.get(hypothesis_field), str) and isinstance(r.get(reference_field), str)]
     metrics = [m for m in cfg.evaluate.metrics if m != "alignment"]
     report = {"predictions": predictions_file, "rows": len(rows), "scored": len(scored), "skipped": len(rows) - len(scored),
               "metrics": text_metrics([r[hypothesis_field] for r in scored], [r[reference_field] for r in scored], metrics) if scored else {}}
     if "alignment" in cfg.evaluate.metrics and blsp_model:
         report["metrics"].update(behaviour_alignment(cfg, blsp_model, [r for r in rows if r.get("audio") and r.get("text")][:max_alignment_rows]))
+    if cfg.evaluate.table_rows and blsp_model:
+        report["alignment_table"] = alignment_table(cfg, blsp_model, [r for r in rows if r.get("audio") and r.get("text")][: cfg.evaluate.table_rows])
     report["wall_s"] = round(time.time() - t0, 2)
     with open_output(join(output_dir, "report.json"), "w", cfg.cluster.s3) as f:
         f.write(json.dumps(report, indent=2) + "\n")
@@ -111,12 +159,12 @@ def behaviour_alignment(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -
     """Speech- vs transcript-conditioned continuations of the same LM (greedy), and token KL."""
     from blsp_ray.audio import load_audio
     from blsp_ray.engines import GenerationSettings, TransformersEngine
-    from blsp_ray.inference import SpeechGenerator
+    from blsp_ray.inference import SpeechGenerator, local_checkpoint
 
     if not rows:
         return {}
     gen_cfg = cfg.generate.model_copy(update={"instruction": CONTINUATION_INSTRUCTION})
-    generator = SpeechGenerator(blsp_model, gen_cfg)
+    generator = SpeechGenerator(local_checkpoint(blsp_model, cfg.cluster.s3), gen_cfg)
     waves = [load_audio(r["audio"]) for r in rows]
     speech_out = [g.text.strip() for g in generator.generate(waves, CONTINUATION_INSTRUCTION)]
     text_engine = TransformersEngine(generator.model.llama_model, generator.tokenizer, GenerationSettings.from_config(gen_cfg), gen_cfg.batch_size)

@@ -25,7 +25,13 @@ import torch
 
 from blsp_ray.audio import AudioError, load_audio
 from blsp_ray.config import BlspRayConfig, EngineConfig, S3Config
-from blsp_ray.engines import Generation, GenerationSettings, TransformersEngine, VllmEngine, engine_pool
+from blsp_ray.engines import (
+    Generation,
+    GenerationSettings,
+    TransformersEngine,
+    VllmEngine,
+    engine_pool,
+)
 from blsp_ray.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, load_blsp
 from blsp_ray.processing import BlspProcessor, log_mel
 
@@ -33,10 +39,33 @@ log = logging.getLogger(__name__)
 
 
 def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
-    """A local directory for a checkpoint given as a path or s3:// URI (copied once into a cache)."""
-    from blsp_ray.label import local_model_dir
+    """A local directory for a BLSP checkpoint given as a path or s3:// URI (copied once per node).
 
-    return local_model_dir(uri, s3)
+    An adapter-only checkpoint of an S3 run points at its frozen LM by URI (the run's stage-1
+    model): then the bases are made local too, and a view of the checkpoint (links to its files,
+    its adapter config naming the local copies) is what comes back, for ``load_blsp`` and vLLM.
+    """
+    import hashlib
+
+    from blsp_ray.storage import cache_dir, is_s3, local_copy, model_cache
+
+    path = Path(local_copy(uri, s3))
+    meta_file = path / ADAPTER_CONFIG
+    if not meta_file.exists():
+        return str(path)
+    meta = json.loads(meta_file.read_text())
+    remote = {k: meta[k] for k in ("lm_path", "whisper_path") if is_s3(meta.get(k, ""))}
+    if not remote:
+        return str(path)
+    meta.update({k: local_copy(v, s3) for k, v in remote.items()})
+    view = model_cache(hashlib.sha1(json.dumps([str(path), meta]).encode()).hexdigest()[:16] + "-view")
+    if not view.exists():
+        with cache_dir(view) as tmp:
+            for f in path.iterdir():
+                if f.name != ADAPTER_CONFIG:
+                    (tmp / f.name).symlink_to(f.resolve())
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    return str(view)
 
 
 class SpeechGenerator:
@@ -169,8 +198,10 @@ def _feature_extractor(path: str):
 class SpeechGenerationActor:
     """Ray Data actor: one SpeechGenerator replica; rows with an error pass through untouched."""
 
-    def __init__(self, blsp_model: str, cfg: EngineConfig, instruction: str, dtype: str = "float32"):
-        self.generator = SpeechGenerator(blsp_model, cfg, dtype=dtype)
+    def __init__(self, blsp_model: str, cfg: EngineConfig, instruction: str, dtype: str = "float32",
+                 s3: S3Config | None = None):
+        # blsp_model may be s3://: each replica's node makes its own local copy.
+        self.generator = SpeechGenerator(local_checkpoint(blsp_model, s3), cfg, dtype=dtype)
         self.instruction = instruction
 
     def __call__(self, batch: dict) -> dict:
@@ -196,7 +227,7 @@ class SpeechGenerationActor:
 
 
 def read_rows(input_file: str, s3: S3Config | None = None) -> list[dict]:
-    from blsp_ray.data.common import open_input
+    from blsp_ray.storage import open_input
 
     with open_input(input_file, s3) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace").read().splitlines()
@@ -208,13 +239,15 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     import ray
 
     from blsp_ray.cluster import init_ray
-    from blsp_ray.data.common import open_output
+    from blsp_ray.storage import open_output
 
     t0 = time.time()
     gc, s3 = cfg.generate, cfg.cluster.s3
-    blsp_model = local_checkpoint(blsp_model, s3)
-    meta = Path(blsp_model) / ADAPTER_CONFIG
-    whisper_path = json.loads(meta.read_text())["whisper_path"] if meta.exists() else blsp_model
+    from blsp_ray.storage import is_s3
+
+    blsp_model = blsp_model if is_s3(blsp_model) else str(Path(blsp_model).resolve())  # actors run elsewhere
+    meta = Path(local_checkpoint(blsp_model, s3)) / ADAPTER_CONFIG  # the driver's copy: audio settings
+    whisper_path = json.loads(meta.read_text())["whisper_path"] if meta.exists() else str(meta.parent)
     rows = read_rows(input_file, s3)
     init_ray(cfg)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * max(1, gc.max_replicas))))
@@ -222,9 +255,10 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     ds = ds.map(decode_row, fn_kwargs=dict(feature_extractor_path=whisper_path, max_duration_s=cfg.data.max_duration_s,
                                            pad_audio_to_30s=pad30), num_cpus=0.5)
     ds = ds.map_batches(SpeechGenerationActor, fn_constructor_kwargs=dict(blsp_model=blsp_model, cfg=gc, instruction=gc.instruction,
-                                                                          dtype=cfg.model.dtype),
+                                                                          dtype=cfg.model.dtype, s3=s3),
                         batch_size=gc.batch_size, compute=engine_pool(gc),
-                        num_cpus=gc.cpus_per_replica, num_gpus=gc.gpus_per_replica)
+                        num_cpus=gc.cpus_per_replica, num_gpus=gc.gpus_per_replica,
+                        resources=dict(gc.resources_per_replica) or None)
     results = sorted(ds.take_all(), key=lambda r: r["index"])
     out_rows, n_err = [], 0
     for r in results:

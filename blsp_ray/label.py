@@ -28,21 +28,20 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
 from blsp_ray.cluster import init_ray
-from blsp_ray.data.common import exists, is_s3, list_dir, open_input, open_output, s3_filesystem
+from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
 from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool
 from blsp_ray.layout import RunLayout, join
 from blsp_ray.prompts import continuation_prompt
+from blsp_ray.storage import exists, list_dir, local_copy, open_input, open_output
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +122,10 @@ def prompt_row(line: str, tokenizer, instruction: str, max_prompt_tokens: int) -
 def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None) -> list[dict]:
     """One shard's lines -> one row per line: kept rows carry prompt ids, dropped rows a reason."""
     shard = Shard(**item)
-    tokenizer = _tokenizer(lm_path)
+    s3 = S3Config(**s3) if s3 else None
+    tokenizer = _tokenizer(local_copy(lm_path, s3))  # this task's node may not have the checkpoint yet
     name = PurePosixPath(shard.manifest).name
-    lines = _lines(shard.manifest, S3Config(**s3) if s3 else None)[shard.start : shard.stop]
+    lines = _lines(shard.manifest, s3)[shard.start : shard.stop]
     out = []
     for i, line in enumerate(lines, start=shard.start):
         base = {"shard": shard.key, ROW_ID: f"{name}:{i}", "source_json": line, "prompt_json": "[]", "drop_reason": ""}
@@ -146,8 +146,9 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
 class ContinuationLabeller:
     """A Ray Data actor owning one engine replica; labels the kept rows of each batch."""
 
-    def __init__(self, cfg: LabelConfig, lm_path: str, dtype: str = "float32"):
-        self.engine: TextEngine = build_engine(cfg, lm_path, GenerationSettings.from_config(cfg), dtype=dtype)
+    def __init__(self, cfg: LabelConfig, lm_path: str, dtype: str = "float32", s3: S3Config | None = None):
+        # lm_path may be s3://: each replica's node gets its own local copy (a joining node too).
+        self.engine: TextEngine = build_engine(cfg, local_copy(lm_path, s3), GenerationSettings.from_config(cfg), dtype=dtype)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["shard"])
@@ -235,18 +236,6 @@ def input_manifests(cfg: BlspRayConfig) -> list[str]:
     raise ValueError(f"no ASR manifests: set label.manifests or data.asr_manifests, or prepare {layout.asr_manifests}")
 
 
-def local_model_dir(uri: str, s3: S3Config | None = None) -> str:
-    """Engines load from local disk: copy an s3:// checkpoint into a local cache once."""
-    if not is_s3(uri):
-        return uri
-    from pyarrow import fs
-
-    target = Path(os.environ.get("BLSP_MODEL_CACHE", "/tmp/blsp-models")) / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    if not (target / "config.json").exists():
-        fs.copy_files(uri[len("s3://"):], str(target), source_filesystem=s3_filesystem(s3), destination_filesystem=fs.LocalFileSystem())
-    return str(target)
-
-
 def labelling_model(cfg: BlspRayConfig) -> str:
     """The stage-1 checkpoint when the run has one, else the configured LM."""
     stage1 = RunLayout.of(cfg).stage1_model
@@ -273,7 +262,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
     shards = plan_shards(manifests, lc.rows_per_shard, s3)
     done = {n[: -len(".json")] for n in list_dir(stats_dir(cfg), s3) if n.endswith(".json")}
     todo = [s for s in shards if s.key not in done]
-    model_path = local_model_dir(labelling_model(cfg), s3)
+    model_path = labelling_model(cfg)  # local path or s3:// URI: the workers make their own local copies
     settings = GenerationSettings.from_config(lc)
     log.info("labelling %d manifests: %d shards, %d already done, %d to do; model %s, engine %s",
              len(manifests), len(shards), len(shards) - len(todo), len(todo), model_path, lc.engine)
@@ -289,11 +278,12 @@ def run_label(cfg: BlspRayConfig) -> dict:
                                                      s3=s3.model_dump() if s3 else None), num_cpus=0.5)
         ds = ds.map_batches(
             ContinuationLabeller,
-            fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=cfg.model.dtype),
+            fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=cfg.model.dtype, s3=s3),
             batch_size=lc.batch_size,
             compute=engine_pool(lc),
             num_cpus=lc.cpus_per_replica,
             num_gpus=lc.gpus_per_replica,
+            resources=dict(lc.resources_per_replica) or None,
         )
         writer = ShardWriter(todo, layout.labels, stats_dir(cfg), settings.columns(lc.engine), s3)
         t_run, last = time.time(), time.time()

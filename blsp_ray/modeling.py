@@ -133,6 +133,33 @@ class SpeechBatch:
     frame_lengths: torch.Tensor  # [B], <= F
 
 
+def whisper_encode(enc: WhisperEncoder, speech: SpeechBatch, pad_audio_to_30s: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mel features -> Whisper hidden states [B, T, d_model] and their lengths [B] (T = frames / 2).
+
+    A function of the encoder alone, so stage 2 can run it once over its data (the encoder is
+    frozen) as well as inside ``BlspModel``.
+    """
+    feats = speech.features.to(enc.conv1.weight.dtype)
+    out_lengths = conv_output_lengths(speech.frame_lengths)  # conv2: stride 2
+    if pad_audio_to_30s:
+        # The original: the library encoder over all 30 s (padding included), then cut.
+        hidden = enc(feats).last_hidden_state
+        return hidden[:, : int(out_lengths.max())], out_lengths
+    frames = feats.shape[-1]
+    if frames > 2 * enc.config.max_source_positions:
+        raise ValueError(f"speech has {frames} mel frames, more than Whisper's {2 * enc.config.max_source_positions}")
+    frame_mask = length_mask(speech.frame_lengths, frames)[:, None, :].to(feats.dtype)
+    x = F.gelu(enc.conv1(feats * frame_mask)) * frame_mask
+    x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # [B, T, d_model]
+    x = x + enc.embed_positions.weight[: x.shape[1]]
+    keep = length_mask(out_lengths, x.shape[1])  # [B, T]
+    attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+    attn_mask = attn_mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]  # [B,1,1,T]
+    for layer in enc.layers:
+        x = layer(x, attn_mask)
+    return enc.layer_norm(x), out_lengths
+
+
 class BlspModel(PreTrainedModel):
     config_class = BlspConfig
     base_model_prefix = "blsp"
@@ -182,26 +209,7 @@ class BlspModel(PreTrainedModel):
 
     def encode_speech(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mel features -> Whisper hidden states [B, T, d_model] and their lengths [B]."""
-        enc = self.whisper_model
-        feats = speech.features.to(enc.conv1.weight.dtype)
-        out_lengths = conv_output_lengths(speech.frame_lengths)  # conv2: stride 2
-        if self.config.pad_audio_to_30s:
-            # The original: the library encoder over all 30 s (padding included), then cut.
-            hidden = enc(feats).last_hidden_state
-            return hidden[:, : int(out_lengths.max())], out_lengths
-        frames = feats.shape[-1]
-        if frames > 2 * enc.config.max_source_positions:
-            raise ValueError(f"speech has {frames} mel frames, more than Whisper's {2 * enc.config.max_source_positions}")
-        frame_mask = length_mask(speech.frame_lengths, frames)[:, None, :].to(feats.dtype)
-        x = F.gelu(enc.conv1(feats * frame_mask)) * frame_mask
-        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)  # [B, T, d_model]
-        x = x + enc.embed_positions.weight[: x.shape[1]]
-        keep = length_mask(out_lengths, x.shape[1])  # [B, T]
-        attn_mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-        attn_mask = attn_mask.masked_fill(~keep, torch.finfo(x.dtype).min)[:, None, None, :]  # [B,1,1,T]
-        for layer in enc.layers:
-            x = layer(x, attn_mask)
-        return enc.layer_norm(x), out_lengths
+        return whisper_encode(self.whisper_model, speech, self.config.pad_audio_to_30s)
 
     def speech_embeddings(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mel features -> LM-space speech embeddings [B, S, hidden] and lengths [B]."""
@@ -293,10 +301,14 @@ class BlspModel(PreTrainedModel):
         suffix_ids: torch.Tensor,
         suffix_mask: torch.Tensor,
         speech: SpeechBatch | None = None,
+        speech_embeds: torch.Tensor | None = None,
+        speech_lengths: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """Greedy/sampled generation through the LM from spliced embeddings; returns new tokens only."""
-        speech_embeds = speech_lengths = None
+        """Greedy/sampled generation through the LM from spliced embeddings; returns new tokens only.
+
+        Speech as in ``forward``: mel features, or embeddings already in LM space (adapter output).
+        """
         if speech is not None:
             speech_embeds, speech_lengths = self.speech_embeddings(speech)
         inputs_embeds, attention_mask, _ = self.splice(
@@ -364,8 +376,14 @@ def build_blsp_from_parts(
     adapter_inner_dim: int = 512,
     pad_audio_to_30s: bool = False,
     dtype: torch.dtype = torch.float32,
+    match_embedding_scale: bool = False,
 ) -> BlspModel:
-    """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter."""
+    """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter.
+
+    ``match_embedding_scale``: the adapter's final LayerNorm starts with gain = RMS of the LM's
+    input embeddings, so speech enters the LM at the scale of text (LayerNorm's default gain 1
+    puts it 7x above SmolLM2's token embeddings, 60x above Llama-2's), not an order above it.
+    """
     llama = LlamaForCausalLM.from_pretrained(lm_path, dtype=dtype)
     whisper = load_whisper_encoder(whisper_path, dtype)
     config = BlspConfig(
@@ -376,7 +394,15 @@ def build_blsp_from_parts(
         pad_audio_to_30s=pad_audio_to_30s,
     )
     model = BlspModel(config, llama_model=llama, whisper_model=whisper)
+    if match_embedding_scale:
+        with torch.no_grad():
+            model.speech_ln.weight.fill_(embedding_rms(llama))
     return model.to(dtype)
+
+
+def embedding_rms(lm: LlamaForCausalLM) -> float:
+    """Root mean square of the LM's input token embeddings: the scale text enters the LM at."""
+    return float(lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
 
 
 def load_blsp(path: str | os.PathLike, dtype: torch.dtype = torch.float32, pad_audio_to_30s: bool | None = None) -> BlspModel:
@@ -427,4 +453,5 @@ def build_blsp(settings) -> BlspModel:
         settings.adapter_inner_dim,
         settings.pad_audio_to_30s,
         dtype=getattr(torch, settings.dtype),
+        match_embedding_scale=settings.match_embedding_scale,
     )

@@ -3,6 +3,9 @@
 A stage that finished writes ``<run dir>/<stage>/_COMPLETE``; a rerun skips it. The driver
 streams each job's logs, and stops at the first failed stage with its job id and log tail.
 With no Ray address configured it starts a local head on 127.0.0.1 and stops it at the end.
+
+The run dir (``cluster.storage_root/run_id``) is a local path or s3:// URI; markers and the run
+config (``<run dir>/config.yaml``, which every job reads) live there, through blsp_ray.storage.
 """
 
 from __future__ import annotations
@@ -20,19 +23,14 @@ from pathlib import Path
 import yaml
 
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.layout import RunLayout, join
+from blsp_ray.layout import COMPLETE, RunLayout, join
+from blsp_ray.storage import exists, is_s3, write_text
 
 log = logging.getLogger(__name__)
 
 
-def _heldout_manifest(cfg: BlspRayConfig) -> str | None:
-    if cfg.generate.input_file:
-        return cfg.generate.input_file
-    return f"{cfg.speech.out_dir}/heldout.jsonl" if cfg.speech is not None else None
-
-
 def _generate_args(cfg: BlspRayConfig, run: RunLayout) -> list[str]:
-    return ["--input_file", _heldout_manifest(cfg), "--output_file", join(run.generations, "heldout.jsonl"),
+    return ["--input_file", cfg.heldout_manifest(), "--output_file", join(run.generations, "heldout.jsonl"),
             "--blsp_model", run.stage2_model]
 
 
@@ -60,8 +58,8 @@ STAGES = [
     Stage("label", "jobs.label"),
     Stage("preprocess", "jobs.preprocess"),
     Stage("stage2", "jobs.stage2"),
-    Stage("generate", "jobs.generate", enabled=lambda c: _heldout_manifest(c) is not None, args=_generate_args),
-    Stage("evaluate", "jobs.evaluate", enabled=lambda c: _heldout_manifest(c) is not None, args=_evaluate_args),
+    Stage("generate", "jobs.generate", enabled=lambda c: c.heldout_manifest() is not None, args=_generate_args),
+    Stage("evaluate", "jobs.evaluate", enabled=lambda c: c.heldout_manifest() is not None, args=_evaluate_args),
 ]
 
 
@@ -69,8 +67,10 @@ class StageFailed(RuntimeError):
     pass
 
 
-def run_dir(cfg: BlspRayConfig) -> Path:
-    return Path(cfg.cluster.storage_root) / cfg.cluster.run_id
+def run_dir(cfg: BlspRayConfig) -> str:
+    """``<storage_root>/<run_id>``: an s3:// URI, or an absolute local path (jobs run in another cwd)."""
+    root = RunLayout.of(cfg).root
+    return root if is_s3(root) else str(Path(root).resolve())
 
 
 def _absolute_paths(cfg: BlspRayConfig) -> dict:
@@ -82,7 +82,7 @@ def _absolute_paths(cfg: BlspRayConfig) -> dict:
             return {k: fix(v) for k, v in node.items()}
         if isinstance(node, list):
             return [fix(v) for v in node]
-        if isinstance(node, str) and not node.startswith(("s3://", "/")) and ("/" in node or node in {"runs", "data", "assets"}):
+        if isinstance(node, str) and "://" not in node and not node.startswith("/") and ("/" in node or node in {"runs", "data", "assets"}):
             return str(Path(node).resolve())
         return node
 
@@ -97,13 +97,12 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
     """Run every stage not yet complete; returns the names of the stages run this time."""
     from ray.job_submission import JobSubmissionClient
 
-    from blsp_ray.cluster import start_local_cluster
+    from blsp_ray.cluster import job_env, start_local_cluster
 
     stages = [s for s in (stages or STAGES) if s.enabled(cfg)]
-    root = run_dir(cfg).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(_absolute_paths(cfg), sort_keys=False))
+    root, s3 = run_dir(cfg), cfg.cluster.s3
+    config_path = join(root, "config.yaml")
+    write_text(config_path, yaml.safe_dump(_absolute_paths(cfg), sort_keys=False), s3)
 
     local = None
     address = cfg.cluster.address
@@ -115,14 +114,13 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
     try:
         client = JobSubmissionClient(address)
         for stage in stages:
-            marker = root / stage.name / "_COMPLETE"
-            if marker.exists():
+            marker = join(root, stage.name, COMPLETE)
+            if exists(marker, s3):
                 print(f"[{stage.name}] complete, skipped", flush=True)
                 continue
-            args = stage.args(cfg, RunLayout(str(root)))
-            _run_stage(client, stage, config_path, args, cfg.cluster.env_vars)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            args = stage.args(cfg, RunLayout(root))
+            _run_stage(client, stage, config_path, args, job_env(cfg))
+            write_text(marker, time.strftime("%Y-%m-%dT%H:%M:%S\n"), s3)
             ran.append(stage.name)
     finally:
         if local is not None:
@@ -130,10 +128,10 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
     return ran
 
 
-def _run_stage(client, stage: Stage, config_path: Path, args: list[str], env_vars: dict[str, str]) -> None:
+def _run_stage(client, stage: Stage, config_path: str, args: list[str], env_vars: dict[str, str]) -> None:
     from ray.job_submission import JobStatus
 
-    command = [sys.executable, "-m", stage.module, "--config", str(config_path), *args]
+    command = [sys.executable, "-m", stage.module, "--config", config_path, *args]
     entrypoint = " ".join(shlex.quote(c) for c in command)
     t0 = time.time()
     job_id = client.submit_job(

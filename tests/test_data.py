@@ -178,7 +178,7 @@ def test_outputs_to_s3(tmp_path, s3_server):
     import boto3
 
     from blsp_ray.config import S3Config
-    from blsp_ray.data.common import exists, list_dir, open_input
+    from blsp_ray.storage import exists, list_dir, open_input
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="blsp-data")
     s3 = S3Config(endpoint_url=s3_server, region="us-east-1")

@@ -76,3 +76,31 @@ def test_response_kl_matches_definition():
     p = torch.softmax(teacher / t, -1)
     expected = (p * (torch.log(p) - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
     torch.testing.assert_close(response_kl(student, teacher, t), expected)
+
+
+def test_embedding_ctc_is_added_with_its_weight_and_trains_only_the_adapter(setup):
+    model, batch = setup
+    blank = 0
+    model.zero_grad(set_to_none=True)
+    embeds, lengths = model.speech_embeddings(batch["speech"])
+    with_ctc = stage2_objective(model, batch, embeds, lengths, objective="ce", ctc_weight=0.5, blank_id=blank)
+    assert torch.isfinite(with_ctc["ctc"]) and float(with_ctc["ctc"]) > 0
+    torch.testing.assert_close(with_ctc["loss"], with_ctc["ce"] + 0.5 * with_ctc["ctc"])
+    with_ctc["ctc"].backward()
+    for name, p in model.named_parameters():
+        trainable = name.startswith(("subsampler.", "adapter.", "speech_ln."))
+        assert (p.grad is not None and p.grad.abs().sum() > 0) if trainable else p.grad is None, name
+
+
+def test_embedding_ctc_is_low_when_speech_spells_the_transcript(setup):
+    """Frames equal to the transcript's own token embeddings (scaled up: a confident match) score a
+    lower CTC than the same frames shuffled in time."""
+    from blsp_ray.train.objectives import embedding_ctc
+
+    model, batch = setup
+    ids, n = batch["transcript_ids"][:1], batch["transcript_lengths"][:1]
+    frames = model.llama_model.get_input_embeddings()(ids[:, : int(n[0])]) * 500  # [1, T, H]
+    with torch.no_grad():
+        aligned = embedding_ctc(model, frames, n, ids, n, blank_id=0)
+        shuffled = embedding_ctc(model, frames.flip(1), n, ids, n, blank_id=0)
+    assert float(aligned) < 0.1 < float(shuffled)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 
 from blsp_ray.config import S3Config
-from blsp_ray.data.common import DropReason, Summary, open_input, open_output
+from blsp_ray.data.common import DropReason, Summary
 from blsp_ray.data.text import alpaca_instruction, strip_nonprintable
+from blsp_ray.storage import open_input, open_output
 
 
 def summary_path(output: str) -> str:

@@ -17,11 +17,12 @@ from pathlib import Path
 import soundfile as sf
 
 from blsp_ray.audio import AudioError
-from blsp_ray.config import BlspRayConfig
 from blsp_ray.cluster import init_ray
-from blsp_ray.data.common import DropReason, Summary, open_output, quiet_ray_data
+from blsp_ray.config import BlspRayConfig
+from blsp_ray.data.common import DropReason, Summary, quiet_ray_data
 from blsp_ray.data.text import gigaspeech_text, normalize_english
 from blsp_ray.layout import RunLayout, join
+from blsp_ray.storage import open_output
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,14 @@
-"""What the data jobs share: drop reasons and summaries, atomic outputs (local or s3://), Ray connection."""
+"""What the data jobs share: drop reasons and summaries, Ray Data settings. Files go through blsp_ray.storage."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from blsp_ray.config import S3Config
-from blsp_ray.storage import atomic_file
+from blsp_ray.storage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,77 +72,6 @@ class Summary:
         print(f"[{name}] kept {self.kept}, dropped {out['dropped_total']} {out['dropped']}, "
               f"converted {out['converted']} -> {target}", flush=True)
         return out
-
-
-# ---- files: local paths and s3:// URIs -----------------------------------------------------------
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def s3_filesystem(s3: S3Config | None = None):
-    from pyarrow import fs
-
-    s3 = s3 or S3Config()
-    kwargs = {}
-    if s3.endpoint_url:
-        scheme, _, host = s3.endpoint_url.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    if s3.region:
-        kwargs["region"] = s3.region
-    return fs.S3FileSystem(**kwargs)
-
-
-def _s3_key(uri: str) -> str:
-    return uri[len("s3://"):]
-
-
-@contextlib.contextmanager
-def open_output(uri: str, mode: str = "w", s3: S3Config | None = None) -> Iterator:
-    """Write ``uri`` all-or-nothing: local temp file + rename, or one S3 object (visible only when closed)."""
-    if not is_s3(uri):
-        with atomic_file(uri, mode) as f:
-            yield f
-        return
-    import io
-
-    with s3_filesystem(s3).open_output_stream(_s3_key(uri)) as raw:
-        yield io.TextIOWrapper(raw, encoding="utf-8", write_through=True) if "b" not in mode else raw
-
-
-@contextlib.contextmanager
-def open_input(uri: str, s3: S3Config | None = None) -> Iterator:
-    """Binary, seekable input from a local path or s3:// URI."""
-    if not is_s3(uri):
-        with open(uri, "rb") as f:
-            yield f
-        return
-    with s3_filesystem(s3).open_input_file(_s3_key(uri)) as f:
-        yield f
-
-
-def exists(uri: str, s3: S3Config | None = None) -> bool:
-    if not is_s3(uri):
-        return os.path.exists(uri)
-    from pyarrow import fs
-
-    return s3_filesystem(s3).get_file_info(_s3_key(uri)).type != fs.FileType.NotFound
-
-
-def list_dir(uri: str, s3: S3Config | None = None) -> list[str]:
-    """Names (not paths) of the files directly in ``uri``; [] if it does not exist."""
-    if not is_s3(uri):
-        return sorted(p.name for p in Path(uri).iterdir() if p.is_file()) if os.path.isdir(uri) else []
-    from pyarrow import fs
-
-    infos = s3_filesystem(s3).get_file_info(fs.FileSelector(_s3_key(uri), allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == fs.FileType.File)
-
-
-def write_text(uri: str, text: str, s3: S3Config | None = None) -> None:
-    with open_output(uri, "w", s3) as f:
-        f.write(text)
 
 
 # ---- Ray -------------------------------------------------------------------------------------------

@@ -30,13 +30,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blsp_ray.audio import AudioError, check_duration, decode_audio, parse_audio_spec
+from blsp_ray.cluster import init_ray
 from blsp_ray.config import BlspRayConfig
 from blsp_ray.data.asr import probe
-from blsp_ray.cluster import init_ray
-from blsp_ray.data.common import (
-    DropReason, Summary, exists, is_s3, list_dir, open_input, open_output, quiet_ray_data, write_text,
-)
+from blsp_ray.data.common import DropReason, Summary, quiet_ray_data
 from blsp_ray.layout import RunLayout, join
+from blsp_ray.storage import (
+    exists,
+    is_s3,
+    list_dir,
+    open_input,
+    open_output,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 

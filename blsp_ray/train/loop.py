@@ -68,17 +68,30 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 
 
 def _plot_loss(history: list[dict], path: Path, title: str) -> None:
+    """Training loss over steps; beside it the held-out metrics, when the task reported any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    heldout = sorted({k for h in history for k in h if k.startswith("heldout_")})
+    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 6, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if heldout:
+        ax = axes[0][1]
+        for key in heldout:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            ax.plot(*zip(*points), marker="o", label=key.removeprefix("heldout_"))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats / token")
+        ax.set_title("held-out speech")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -192,7 +205,9 @@ def train_loop_per_worker(loop: dict) -> None:
             }
             for k, v in zip(part_names, sums[4:]):
                 metrics[f"loss_{k}"] = v / max(sums[1], 1)
-            history.append({"step": step, "loss": metrics["loss"]})
+            if rank == 0 and hasattr(task, "heldout_metrics"):
+                metrics.update(task.heldout_metrics(engine))
+            history.append({"step": step, **{k: v for k, v in metrics.items() if k == "loss" or k.startswith("heldout_")}})
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
             window_parts = {}
             if not save:
@@ -235,25 +250,15 @@ def _absolute(cfg: BlspRayConfig) -> BlspRayConfig:
     )
 
 
-def _storage_filesystem(cfg: BlspRayConfig, uri: str):
-    """(pyarrow filesystem or None, path): S3 with the configured endpoint, else local."""
-    if not uri.startswith("s3://"):
-        return None, uri
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(endpoint_override=cfg.cluster.s3.endpoint_url, region=cfg.cluster.s3.region or "us-east-1")
-    return fs, uri[len("s3://"):]
-
-
 def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
     """Copy the checkpoint's HF export to ``target`` (local: one atomic rename; S3: objects, then a marker)."""
     import pyarrow.fs as pafs
 
-    from blsp_ray.storage import atomic_dir
+    from blsp_ray.storage import atomic_dir, filesystem, is_s3
 
     src_fs, src = checkpoint.filesystem, join(checkpoint.path, EXPORT_DIR)
-    dst_fs, dst = _storage_filesystem(cfg, target)
-    if dst_fs is None:
+    dst_fs, dst = filesystem(target, cfg.cluster.s3)
+    if not is_s3(target):
         with atomic_dir(dst) as tmp:
             pafs.copy_files(src, str(tmp), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
         Path(dst, COMPLETE).touch()
@@ -275,6 +280,7 @@ def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = N
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from blsp_ray.layout import RunLayout
+    from blsp_ray.storage import filesystem, is_s3
     from blsp_ray.train.tasks import TASKS
 
     cfg = _absolute(cfg)
@@ -294,7 +300,8 @@ def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = N
     log.info("%s: %d rows, %d workers, %d steps/epoch, %d steps", stage, rows, max_workers, steps_per_epoch, total_steps)
 
     workers = max_workers if cfg.cluster.min_workers is None else (cfg.cluster.min_workers, max_workers)
-    storage_fs, storage_path = _storage_filesystem(cfg, join(RunLayout.of(cfg).stage(stage), "ray"))
+    storage = join(RunLayout.of(cfg).stage(stage), "ray")  # Ray Train checkpoints (local or s3://)
+    storage_fs, storage_path = filesystem(storage, cfg.cluster.s3) if is_s3(storage) else (None, storage)
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={

@@ -44,6 +44,17 @@ def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech
     return logits, labels[:, 1:][keep]
 
 
+def embedding_ctc(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
+                  transcript_lengths: torch.Tensor, blank_id: int) -> torch.Tensor:
+    """CTC of the transcript's tokens over the speech positions, each position scored against the LM's
+    own token embeddings [V, H] (no new output layer): pulls speech frames towards the embeddings of
+    the words spoken, which the frozen LM already reads. ``blank_id``: a token no transcript holds."""
+    table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
+    log_probs = F.log_softmax(speech_embeds.float() @ table.float().T, dim=-1)  # [B, S, V]
+    return F.ctc_loss(log_probs.transpose(0, 1), transcript_ids, speech_lengths, transcript_lengths,
+                      blank=blank_id, zero_infinity=True)  # clips too short for their transcript count 0
+
+
 def stage2_objective(
     blsp,
     batch: dict,
@@ -53,6 +64,8 @@ def stage2_objective(
     ce_weight: float = 1.0,
     kl_weight: float = 1.0,
     temperature: float = 2.0,
+    ctc_weight: float = 0.0,
+    blank_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one stage-2 batch given adapter output ``speech_embeds`` [B, S, H] (lengths [B]).
 
@@ -78,4 +91,9 @@ def stage2_objective(
         loss = parts["kl"]
     else:
         loss = ce_weight * parts["ce"] + kl_weight * parts["kl"]
+    if ctc_weight > 0:
+        if blank_id is None:
+            raise ValueError("ctc_weight > 0 needs blank_id")
+        parts["ctc"] = embedding_ctc(blsp, speech_embeds, speech_lengths, batch["transcript_ids"], batch["transcript_lengths"], blank_id)
+        loss = loss + ctc_weight * parts["ctc"]
     return {"loss": loss, **parts}

@@ -18,25 +18,23 @@ from torch import nn
 from blsp_ray.config import BlspRayConfig, TrainConfig
 from blsp_ray.layout import RunLayout
 from blsp_ray.processing import IGNORE, BlspProcessor
+from blsp_ray.storage import exists, is_s3, local_copy
 
 log = logging.getLogger(__name__)
 FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
 
 
+# lm_path may be an S3 run's stage-1 URI: loaded from this node's local copy (endpoint: AWS_ENDPOINT_URL).
 @functools.lru_cache(maxsize=4)
 def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False) -> BlspProcessor:
-    return BlspProcessor.from_paths(lm_path, whisper_path, pad_audio_to_30s)
+    return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s)
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(lm_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(lm_path)
-
-
-def _is_local_dir(uri: str) -> bool:
-    return "://" not in uri and Path(uri).is_dir()
+    return AutoTokenizer.from_pretrained(local_copy(lm_path))
 
 
 def _as_list(value) -> list[int]:
@@ -166,6 +164,36 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _whisper(whisper_path: str, dtype: str):
+    from transformers import WhisperFeatureExtractor
+
+    from blsp_ray.modeling import load_whisper_encoder
+
+    return load_whisper_encoder(whisper_path, getattr(torch, dtype)).eval(), WhisperFeatureExtractor.from_pretrained(whisper_path)
+
+
+def encoder_outputs(batch: dict, whisper_path: str, pad_audio_to_30s: bool, dtype: str) -> dict:
+    """Ray Data map: waveforms -> frozen Whisper hidden states, computed once for every epoch.
+
+    ``stage2.cache_encoder_outputs``: the encoder is frozen, so its output for a clip never
+    changes; the materialised dataset holds ``encoder_hidden`` ([T, d_model] per row) instead of
+    the waveform, and training steps skip feature extraction and the encoder. For data that fits
+    the object store (Ray spills the rest to disk), e.g. BLSP-mini; off for corpus-scale runs.
+    A task, not an actor pool: idle actors would hold the CPUs the read tasks need.
+    """
+    from blsp_ray.modeling import whisper_encode
+    from blsp_ray.processing import log_mel
+
+    encoder, feature_extractor = _whisper(whisper_path, dtype)  # once per Ray worker process
+    waves = [np.asarray(w, dtype=np.float32) for w in batch["waveform"]]
+    with torch.no_grad():
+        hidden, lengths = whisper_encode(encoder, log_mel(feature_extractor, waves, pad_audio_to_30s), pad_audio_to_30s)  # [B, T, d], [B]
+    out = {k: v for k, v in batch.items() if k != "waveform"}
+    out["encoder_hidden"] = [hidden[i, :n].float().numpy() for i, n in enumerate(lengths.tolist())]
+    return out
+
+
 class AdapterModule(nn.Module):
     """The trainable part of BLSP (subsampler, adapter, LayerNorm) as one module for DeepSpeed.
 
@@ -204,15 +232,15 @@ class Stage2Task:
 
     @property
     def lm_path(self) -> str:
-        """The stage-1 checkpoint when the run has one, else the configured LM."""
+        """The stage-1 checkpoint when the run has one (path or s3:// URI), else the configured LM."""
         stage1 = self.layout.stage1_model
-        if _is_local_dir(stage1) and (Path(stage1) / "config.json").exists():
-            return str(Path(stage1).resolve())
+        if exists(f"{stage1}/config.json", self.cfg.cluster.s3):
+            return stage1 if is_s3(stage1) else str(Path(stage1).resolve())
         return self.cfg.model.lm_path
 
     @property
     def needs_transcripts(self) -> bool:
-        return self.train.objective in ("kl", "ce+kl")
+        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0
 
     def dataset(self):
         import ray.data
@@ -220,20 +248,31 @@ class Stage2Task:
         columns = ["waveform", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
         ds = ray.data.read_parquet(self.layout.preprocessed, columns=columns)
         frames_per_embedding = 2 ** (1 + len(self.cfg.model.conv_kernel_sizes.split(",")))
-        return ds.map_batches(
+        ds = ds.map_batches(
             prepare_stage2,
             fn_kwargs={"lm_path": self.lm_path, "with_transcripts": self.needs_transcripts,
                        "frames_per_embedding": frames_per_embedding},
             batch_format="numpy",
             batch_size=64,
         )
+        if not self.train.cache_encoder_outputs:
+            return ds
+        model, data = self.cfg.model, self.cfg.data
+        ds = ds.map_batches(
+            encoder_outputs,
+            fn_kwargs={"whisper_path": model.whisper_path, "pad_audio_to_30s": model.pad_audio_to_30s, "dtype": model.dtype},
+            batch_format="numpy",
+            batch_size=16,
+            num_cpus=data.cpus_per_worker,
+        )
+        return ds.materialize()  # computed once here; every epoch reads the object store
 
     # -- worker side --
 
     def build(self, dtype: torch.dtype) -> nn.Module:
         from blsp_ray.modeling import build_blsp
 
-        settings = self.cfg.model.model_copy(update={"lm_path": self.lm_path})
+        settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
         self.blsp = build_blsp(settings)
         self.blsp.freeze_backbones()
         self.blsp.whisper_model.to(dtype)
@@ -247,7 +286,13 @@ class Stage2Task:
              "suffix_labels": _as_list(r["suffix_labels"])}
             for r in rows
         ]
-        batch = self.processor.collate_speech(examples, [np.asarray(r["waveform"], dtype=np.float32) for r in rows])
+        if "encoder_hidden" in rows[0]:  # cached encoder outputs (encoder_outputs)
+            batch = self.processor.collate_speech(examples)
+            hidden = [torch.as_tensor(np.asarray(r["encoder_hidden"], dtype=np.float32)) for r in rows]  # [T_i, d]
+            batch["encoder_hidden"] = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)  # [B, T, d]
+            batch["encoder_lengths"] = torch.tensor([h.shape[0] for h in hidden])
+        else:
+            batch = self.processor.collate_speech(examples, [np.asarray(r["waveform"], dtype=np.float32) for r in rows])
         if self.needs_transcripts:
             ids = [_as_list(r["transcript_ids"]) or [self.processor.pad_id] for r in rows]
             batch["transcript_ids"] = _pad(ids, self.processor.pad_id)
@@ -257,16 +302,38 @@ class Stage2Task:
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         from blsp_ray.train.objectives import stage2_objective
 
-        with torch.no_grad():  # frozen encoder: no graph through it
-            hidden, lengths = self.blsp.encode_speech(batch["speech"])
+        if "encoder_hidden" in batch:
+            hidden, lengths = batch["encoder_hidden"], batch["encoder_lengths"]
+        else:
+            with torch.no_grad():  # frozen encoder: no graph through it
+                hidden, lengths = self.blsp.encode_speech(batch["speech"])
         speech_embeds, speech_lengths = engine(hidden.to(next(engine.module.parameters()).dtype), lengths)
         t = self.train
         return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
-                                t.objective, t.ce_weight, t.kl_weight, t.kl_temperature)
+                                t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
         return int(batch["prefix_mask"].sum() + batch["suffix_mask"].sum())
+
+    def heldout_metrics(self, engine) -> dict[str, float]:
+        """Rank 0, at reports: the adapter on ``stage2.eval_rows`` held-out clips (empty when off)."""
+        if not self.train.eval_rows or engine.zero_optimization_stage() == 3:  # ZeRO-3 gathers are collective
+            return {}
+        if getattr(self, "_heldout", None) is None:
+            from blsp_ray.alignment import HeldoutSet
+            from blsp_ray.audio import load_audio
+            from blsp_ray.engines import GenerationSettings
+            from blsp_ray.storage import read_jsonl
+
+            rows = [r for r in read_jsonl(self.cfg.heldout_manifest()) if r.get("audio") and r.get("text")][: self.train.eval_rows]
+            self._heldout = HeldoutSet(self.blsp, self.processor, rows, [load_audio(r["audio"]) for r in rows],
+                                       GenerationSettings.from_config(self.cfg.label), instruction=self.train.instruction)
+        module = engine.module
+        module.eval()
+        scores = self._heldout.teacher_forced(module, "speech")
+        module.train()
+        return {"heldout_nll": scores["nll"], "heldout_kl": scores["kl"]}
 
     def export(self, engine, out_dir: Path, rank: int) -> None:
         """Adapter-only checkpoint (``save_adapter``); collective under ZeRO-3 (the adapter is small)."""

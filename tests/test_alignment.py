@@ -1,0 +1,70 @@
+"""Held-out alignment scoring (blsp_ray.alignment) and stage 2's cached encoder outputs, on the tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blsp_ray.alignment import HeldoutSet, word_recall
+from blsp_ray.audio import load_audio
+from blsp_ray.engines import GenerationSettings
+from blsp_ray.modeling import build_blsp_from_parts
+from blsp_ray.processing import BlspProcessor
+from blsp_ray.storage import read_jsonl
+from blsp_ray.train.tasks import AdapterModule, encoder_outputs
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny_assets, speech_corpus):
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32).eval()
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    rows = read_jsonl(speech_corpus["heldout"])[:5]
+    waves = [load_audio(r["audio"]) for r in rows]
+    return model, proc, rows, waves, HeldoutSet(model, proc, rows, waves, GenerationSettings(max_new_tokens=8, stop=("###",)), batch_size=2)
+
+
+def test_transcript_condition_is_its_own_teacher(heldout):
+    model, _, _, _, held = heldout
+    scores = held.teacher_forced(None, "transcript")
+    assert abs(scores["kl"]) < 1e-6  # KL(transcript || transcript)
+    speech = held.teacher_forced(AdapterModule(model), "speech")
+    assert speech["kl"] > 1e-3 and speech["nll"] > scores["nll"]  # an untrained adapter is far from the text
+
+
+def test_shuffled_condition_feeds_another_clip(heldout):
+    model, _, _, _, held = heldout
+    adapter = AdapterModule(model)
+    speech, shuffled = held.teacher_forced(adapter, "speech"), held.teacher_forced(adapter, "shuffled")
+    assert speech["nll"] != shuffled["nll"]
+    embeds, lengths = held._inserted(range(0, 2), "shuffled", adapter)
+    expected, _ = adapter(held.hidden[1][None], torch.tensor([held.hidden[1].shape[0]]))
+    torch.testing.assert_close(embeds[0, : lengths[0]], expected[0], atol=1e-4, rtol=1e-4)  # row 0 reads clip 1
+
+
+def test_scores_have_every_table_column(heldout):
+    model, _, _, _, held = heldout
+    row = held.scores(AdapterModule(model), "speech")
+    for key in ("nll", "kl", "chrf", "bleu", "wer", "word_recall"):
+        assert np.isfinite(row[key]), key
+    assert len(held.continuations) == len(held) and all(isinstance(c, str) for c in held.continuations)
+
+
+def test_word_recall():
+    assert word_recall("the cat sat on a mat", "The cat sat.") == 1.0
+    assert word_recall("a dog", "the cat sat") == 0.0
+    assert word_recall("the the cat", "the cat the the") == pytest.approx(3 / 4)  # with multiplicity
+
+
+def test_cached_encoder_outputs_equal_the_encoder_in_the_step(heldout, tiny_assets):
+    """encoder_outputs (a Ray Data step) gives each clip what encode_speech gives it in a batch."""
+    model, proc, _, waves, _ = heldout
+    out = encoder_outputs({"waveform": np.array(waves, dtype=object), "prefix_ids": np.array([[1]] * len(waves))},
+                          str(tiny_assets / "whisper"), pad_audio_to_30s=False, dtype="float32")
+    assert "waveform" not in out and len(out["encoder_hidden"]) == len(waves)
+    with torch.no_grad():
+        hidden, lengths = model.encode_speech(proc.features(waves))
+    for i, cached in enumerate(out["encoder_hidden"]):
+        assert cached.shape == (int(lengths[i]), hidden.shape[-1])
+        torch.testing.assert_close(torch.as_tensor(cached), hidden[i, : int(lengths[i])], atol=1e-5, rtol=1e-5)
