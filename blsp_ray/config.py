@@ -299,6 +299,8 @@ class EvaluateConfig(_Section):
     # The held-out alignment table (untrained adapter, trained, shuffled speech, transcript) over
     # this many held-out clips; 0: off.
     table_rows: int = Field(0, ge=0)
+    table_cpus: float = Field(1.0, gt=0)  # resources of the Ray task that computes the table
+    table_gpus: float = Field(0.0, ge=0)
 
 
 class ServeConfig(EngineConfig):

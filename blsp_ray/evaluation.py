@@ -145,7 +145,14 @@ def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, ref
     if "alignment" in cfg.evaluate.metrics and blsp_model:
         report["metrics"].update(behaviour_alignment(cfg, blsp_model, [r for r in rows if r.get("audio") and r.get("text")][:max_alignment_rows]))
     if cfg.evaluate.table_rows and blsp_model:
-        report["alignment_table"] = alignment_table(cfg, blsp_model, [r for r in rows if r.get("audio") and r.get("text")][: cfg.evaluate.table_rows])
+        import ray
+
+        from blsp_ray.cluster import init_ray
+
+        init_ray(cfg)  # a task with its own resources (and torch threads), not the job's 0-CPU driver
+        table_task = ray.remote(num_cpus=cfg.evaluate.table_cpus, num_gpus=cfg.evaluate.table_gpus)(alignment_table)
+        table_rows = [r for r in rows if r.get("audio") and r.get("text")][: cfg.evaluate.table_rows]
+        report["alignment_table"] = ray.get(table_task.remote(cfg, blsp_model, table_rows))
     report["wall_s"] = round(time.time() - t0, 2)
     with open_output(join(output_dir, "report.json"), "w", cfg.cluster.s3) as f:
         f.write(json.dumps(report, indent=2) + "\n")
