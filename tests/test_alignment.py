@@ -68,3 +68,31 @@ def test_cached_encoder_outputs_equal_the_encoder_in_the_step(heldout, tiny_asse
     for i, cached in enumerate(out["encoder_hidden"]):
         assert cached.shape == (int(lengths[i]), hidden.shape[-1])
         torch.testing.assert_close(torch.as_tensor(cached), hidden[i, : int(lengths[i])], atol=1e-5, rtol=1e-5)
+
+
+def test_evaluate_prints_the_heldout_table(ray_cluster, tiny_assets, speech_corpus, tmp_path):
+    """run_evaluate with evaluate.table_rows: the four conditions, as a Ray task on the cluster, in report.md."""
+    import json
+
+    from blsp_ray.config import config_from_dict
+    from blsp_ray.evaluation import TABLE_COLUMNS, run_evaluate
+    from blsp_ray.storage import write_jsonl
+
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+    model.save_adapter(tmp_path / "adapter", tiny_assets / "lm", tiny_assets / "whisper")
+    rows = read_jsonl(speech_corpus["heldout"])[:3]
+    write_jsonl(tmp_path / "preds.jsonl", [{**r, "response": r["text"]} for r in rows])
+    cfg = config_from_dict({
+        "cluster": {"address": ray_cluster.dashboard_url},
+        "model": {"lm_path": str(tiny_assets / "lm"), "whisper_path": str(tiny_assets / "whisper"), "adapter_inner_dim": 32},
+        "label": {"max_new_tokens": 6}, "generate": {"batch_size": 2},
+        "evaluate": {"metrics": ["wer"], "table_rows": 3, "table_cpus": 0.5},
+    })
+    report = run_evaluate(cfg, str(tmp_path / "preds.jsonl"), str(tmp_path / "eval"), "text", blsp_model=str(tmp_path / "adapter"))
+    table = json.loads((tmp_path / "eval" / "report.json").read_text())["alignment_table"]
+    assert table == json.loads(json.dumps(report["alignment_table"]))
+    assert table["rows"] == 3 and list(table["conditions"]) == ["untrained adapter", "trained adapter", "shuffled speech", "transcript"]
+    assert abs(table["conditions"]["transcript"]["kl"]) < 1e-6
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert all(name in md for name in table["conditions"]) and all(col in md for col in TABLE_COLUMNS.values())
