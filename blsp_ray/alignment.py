@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from blsp_ray.engines import GenerationSettings, TransformersEngine
 from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
-from blsp_ray.train.objectives import continuation_forward
+from blsp_ray.processing import transcript_token_ids
+from blsp_ray.train.objectives import continuation_forward, response_kl
 
 CONDITIONS = ("speech", "shuffled", "transcript")
 TRANSCRIBE_INSTRUCTION = "Please transcribe the following audio."
@@ -80,7 +81,7 @@ class HeldoutSet:
     def _inserted(self, idx: range, condition: str, adapter: Adapter | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the LM reads between prefix and suffix for rows ``idx``: embeds [B, S, H], lengths [B]."""
         if condition == "transcript":
-            ids = [torch.tensor(self.tokenizer(" " + self.texts[i], add_special_tokens=False)["input_ids"]) for i in idx]
+            ids = [torch.tensor(transcript_token_ids(self.tokenizer, self.texts[i])) for i in idx]
             padded, lengths = _pad_rows(ids)
             return self.blsp.llama_model.get_input_embeddings()(padded), lengths
         if condition not in CONDITIONS:
@@ -104,8 +105,7 @@ class HeldoutSet:
         for idx, teacher in zip(self._batches(), self._teacher_logits):
             student, targets = self._logits(idx, condition, adapter)
             nll += float(F.cross_entropy(student.float(), targets, reduction="sum"))
-            t, s = F.log_softmax(teacher.float(), -1), F.log_softmax(student.float(), -1)
-            kl += float((t.exp() * (t - s)).sum())
+            kl += float(response_kl(student, teacher, temperature=1.0)) * len(targets)  # the batch's mean, summed back
             tokens += len(targets)
         return {"nll": nll / tokens, "kl": kl / tokens}
 
@@ -128,14 +128,13 @@ class HeldoutSet:
 
     def scores(self, adapter: Adapter | None, condition: str) -> dict[str, float]:
         """Every metric of one table row."""
+        from blsp_ray.data.text import normalize_english
         from blsp_ray.evaluation import text_metrics
 
         row = self.teacher_forced(adapter, condition)
         continuations = self.greedy(adapter, condition, self.instruction)
         aligned = text_metrics(continuations, self.continuations, ("bleu", "chrf"))
         transcripts = self.greedy(adapter, condition, TRANSCRIBE_INSTRUCTION)
-        from blsp_ray.data.text import normalize_english
-
         wer = text_metrics([normalize_english(t) for t in transcripts], [normalize_english(t) for t in self.texts], ("wer",))
         row.update({"chrf": aligned["chrf"], "bleu": aligned["bleu"], "wer": wer["wer"],
                     "word_recall": float(np.mean([word_recall(h, r) for h, r in zip(transcripts, self.texts)]))})

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from blsp_ray.config import BlspRayConfig
 from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
@@ -43,9 +42,9 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str], metrics: 
 
 def mean_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean over positions of KL(softmax(teacher/T) || softmax(student/T)); logits [N, V]."""
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return float((t.exp() * (t - s)).sum(-1).mean())
+    from blsp_ray.train.objectives import response_kl
+
+    return float(response_kl(student_logits, teacher_logits, temperature)) / temperature**2  # without the loss's T^2
 
 
 @torch.no_grad()

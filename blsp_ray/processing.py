@@ -24,6 +24,12 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
+def transcript_token_ids(tokenizer: PreTrainedTokenizerBase, transcript: str) -> list[int]:
+    """The transcript's tokens as they stand where the speech would (labelling's prompt reads
+    "<instruction> <transcript>"): what the KL objective's teacher and the held-out upper bound read."""
+    return tokenizer(" " + str(transcript), add_special_tokens=False)["input_ids"]
+
+
 def log_mel(
     feature_extractor: WhisperFeatureExtractor, waveforms: Sequence[np.ndarray], pad_audio_to_30s: bool = False
 ) -> SpeechBatch:

@@ -17,7 +17,7 @@ from torch import nn
 
 from blsp_ray.config import BlspRayConfig, TrainConfig
 from blsp_ray.layout import RunLayout
-from blsp_ray.processing import IGNORE, BlspProcessor
+from blsp_ray.processing import IGNORE, BlspProcessor, transcript_token_ids
 from blsp_ray.storage import exists, is_s3, local_copy
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,7 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
     out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], batch["suffix_ids"])])
     if with_transcripts:
         tokenizer = _tokenizer(lm_path)
-        # The teacher reads " transcript" where the student reads speech (labelling's prompt).
-        out["transcript_ids"] = [
-            np.asarray(tokenizer(" " + str(t), add_special_tokens=False)["input_ids"], dtype=np.int64) for t in batch["text"]
-        ]
+        out["transcript_ids"] = [np.asarray(transcript_token_ids(tokenizer, t), dtype=np.int64) for t in batch["text"]]
     return out
 
 
