@@ -255,7 +255,7 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     ds = ds.map(decode_row, fn_kwargs=dict(feature_extractor_path=whisper_path, max_duration_s=cfg.data.max_duration_s,
                                            pad_audio_to_30s=pad30), num_cpus=0.5)
     ds = ds.map_batches(SpeechGenerationActor, fn_constructor_kwargs=dict(blsp_model=blsp_model, cfg=gc, instruction=gc.instruction,
-                                                                          dtype=cfg.model.dtype, s3=s3),
+                                                                          dtype=gc.engine_dtype(cfg.model), s3=s3),
                         batch_size=gc.batch_size, compute=engine_pool(gc),
                         num_cpus=gc.cpus_per_replica, num_gpus=gc.gpus_per_replica,
                         resources=dict(gc.resources_per_replica) or None)

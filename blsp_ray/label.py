@@ -278,7 +278,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
                                                      s3=s3.model_dump() if s3 else None), num_cpus=0.5)
         ds = ds.map_batches(
             ContinuationLabeller,
-            fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=cfg.model.dtype, s3=s3),
+            fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),
             batch_size=lc.batch_size,
             compute=engine_pool(lc),
             num_cpus=lc.cpus_per_replica,

@@ -342,7 +342,7 @@ def build_app(cfg: BlspRayConfig, checkpoint: str | None = None):
         },
         max_ongoing_requests=sc.max_ongoing_requests,
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica, "runtime_env": runtime_env},
-    ).bind(checkpoint, sc.model_dump(), cfg.model.dtype)
+    ).bind(checkpoint, sc.model_dump(), sc.engine_dtype(cfg.model))
     return ChatIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(engine, sc.model_dump())
 
 

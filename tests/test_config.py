@@ -63,3 +63,9 @@ def test_overrides(tmp_path):
     assert cfg.stage2.lr == 0.5 and cfg.cluster.storage_root == "s3://b/p"
     with pytest.raises(ConfigError, match="stage2.nope: unknown key"):
         load_config(REPO / "configs" / "tiny.yaml", ["stage2.nope=1"])
+
+
+def test_engine_dtype_defaults_to_the_model_dtype():
+    cfg = load_config(REPO / "configs" / "mini.yaml")
+    assert cfg.label.engine_dtype(cfg.model) == "bfloat16"  # mini labels in bf16
+    assert cfg.generate.engine_dtype(cfg.model) == cfg.model.dtype == "float32"

@@ -189,7 +189,7 @@ def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage,
     shutil.copytree(layout.stage("preprocess"), target.stage("preprocess"))
     stage2 = {"zero_stage": zero_stage, "objective": objective, "max_steps": 4, "log_every": 2, "save_every": 4}
     if zero_stage == 2:
-        stage2.update(cache_encoder_outputs=True, eval_rows=3)
+        stage2.update(cache_encoder_outputs=True, eval_rows=3, continuation_tokens=4)
     config = make_config(run_root, tiny_assets, run_id, stage2=stage2)
     config["generate"] = {"input_file": str(speech_corpus["heldout"])}  # the held-out clips eval_rows reads
     result = run_training(config_from_dict(config), "stage2")

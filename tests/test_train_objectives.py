@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from blsp_ray.audio import load_audio
 from blsp_ray.modeling import build_blsp_from_parts
-from blsp_ray.processing import BlspProcessor
+from blsp_ray.processing import IGNORE, BlspProcessor
 from blsp_ray.storage import read_jsonl
 from blsp_ray.train.objectives import response_kl, stage2_objective
+from blsp_ray.train.tasks import prepare_stage2, truncate_target
 
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
 
@@ -104,3 +106,17 @@ def test_embedding_ctc_is_low_when_speech_spells_the_transcript(setup):
         aligned = embedding_ctc(model, frames, n, ids, n, blank_id=0)
         shuffled = embedding_ctc(model, frames.flip(1), n, ids, n, blank_id=0)
     assert float(aligned) < 0.1 < float(shuffled)
+
+
+def test_continuation_tokens_keeps_the_template_and_the_first_target_tokens(tiny_assets):
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    ex = proc.speech_prompt("Continue.", "one two three four five six seven eight")
+    template = sum(1 for l in ex["suffix_labels"] if l == IGNORE)
+    ids, labels = truncate_target(ex["suffix_ids"], ex["suffix_labels"], 3)
+    assert list(ids) == ex["suffix_ids"][: template + 3]
+    assert (labels[:template] == IGNORE).all() and list(labels[template:]) == ex["suffix_labels"][template : template + 3]
+    batch = {"waveform": [np.zeros(16000, np.float32)], "prefix_ids": [ex["prefix_ids"]],
+             "suffix_ids": [ex["suffix_ids"]], "suffix_labels": [ex["suffix_labels"]]}
+    full = prepare_stage2(batch, str(tiny_assets / "lm"), False, 8)
+    cut = prepare_stage2(batch, str(tiny_assets / "lm"), False, 8, continuation_tokens=3)
+    assert full["length"][0] - cut["length"][0] == len(ex["suffix_ids"]) - template - 3  # bucketing sees the cut

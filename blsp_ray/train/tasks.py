@@ -149,12 +149,26 @@ class Stage1Task:
 # ---- stage 2 -------------------------------------------------------------------------------------
 
 
-def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per_embedding: int) -> dict:
-    """Ray Data map over preprocessed shards: a length estimate for bucketing (+ transcript ids for KL)."""
+def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the suffix template (unlabelled) and the first ``max_tokens`` labelled target tokens."""
+    labels = np.asarray(suffix_labels)
+    template = int(np.argmax(labels != IGNORE)) if (labels != IGNORE).any() else len(labels)
+    keep = template + max_tokens
+    return np.asarray(suffix_ids)[:keep], labels[:keep]
+
+
+def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per_embedding: int,
+                   continuation_tokens: int | None = None) -> dict:
+    """Ray Data map over preprocessed shards: a length estimate for bucketing (+ transcript ids for
+    KL), continuations cut to ``continuation_tokens`` when set."""
     hop = 160
     out = {k: batch[k] for k in ("waveform", "prefix_ids", "suffix_ids", "suffix_labels")}
+    if continuation_tokens is not None:
+        cut = [truncate_target(i, l, continuation_tokens) for i, l in zip(batch["suffix_ids"], batch["suffix_labels"])]
+        out["suffix_ids"] = [ids for ids, _ in cut]
+        out["suffix_labels"] = [labels for _, labels in cut]
     speech = np.asarray([len(w) // hop // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
-    out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], batch["suffix_ids"])])
+    out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], out["suffix_ids"])])
     if with_transcripts:
         tokenizer = _tokenizer(lm_path)
         out["transcript_ids"] = [np.asarray(transcript_token_ids(tokenizer, t), dtype=np.int64) for t in batch["text"]]
@@ -248,7 +262,8 @@ class Stage2Task:
         ds = ds.map_batches(
             prepare_stage2,
             fn_kwargs={"lm_path": self.lm_path, "with_transcripts": self.needs_transcripts,
-                       "frames_per_embedding": frames_per_embedding},
+                       "frames_per_embedding": frames_per_embedding,
+                       "continuation_tokens": self.train.continuation_tokens},
             batch_format="numpy",
             batch_size=64,
         )
