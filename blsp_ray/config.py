@@ -248,6 +248,12 @@ class Stage2Config(TrainConfig):
     # Train on the first N tokens of each continuation only (None: all of it). The opening tokens
     # depend most on what was said; shorter sequences make a CPU step about twice as fast.
     continuation_tokens: int | None = Field(None, ge=1)
+    # Warm-up steps before the continuation objective, on the same data: each speech position is
+    # pulled towards the LM's embedding of the transcript token spoken there (objectives.token_alignment;
+    # no LM forward, so a step costs a fraction of a continuation step). They come on top of
+    # max_steps / epochs, with their own warm-up and decay of the learning rate. 0: off (the paper's).
+    alignment_steps: int = Field(0, ge=0)
+    alignment_loss: Literal["vocab", "cosine"] = "vocab"
 
 
 class EngineConfig(_Section):

@@ -108,6 +108,47 @@ def test_embedding_ctc_is_low_when_speech_spells_the_transcript(setup):
     assert float(aligned) < 0.1 < float(shuffled)
 
 
+def test_spread_transcript_gives_each_token_a_share_of_the_clip_by_its_characters():
+    from blsp_ray.train.objectives import spread_transcript
+
+    chars = torch.tensor([[1, 3, 1, 0], [2, 2, 0, 0]])  # [B, T], 0 past the transcript
+    index = spread_transcript(chars, torch.tensor([10, 4]), 10)
+    assert index[0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2]
+    assert index[1, :4].tolist() == [0, 0, 1, 1] and int(index[1].max()) == 1  # never past the last token
+
+
+def test_token_alignment_is_lowest_when_speech_positions_are_the_spoken_tokens(setup, tiny_assets):
+    from blsp_ray.processing import token_char_counts
+    from blsp_ray.train.objectives import spread_transcript, token_alignment
+
+    model, batch = setup
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    ids, n = batch["transcript_ids"], batch["transcript_lengths"]
+    chars = token_char_counts(proc.tokenizer)[ids] * (torch.arange(ids.shape[1])[None] < n[:, None])
+    lengths = 2 * n  # two speech positions per token on average
+    spoken = ids.gather(1, spread_transcript(chars, lengths, int(lengths.max())))  # [B, S]
+    frames = model.llama_model.get_input_embeddings()(spoken) * 500  # a confident match
+    with torch.no_grad():
+        for loss in ("vocab", "cosine"):
+            aligned = token_alignment(model, frames, lengths, ids, chars, loss)
+            shuffled = token_alignment(model, frames.roll(1, dims=0), lengths.roll(1), ids, chars, loss)
+            assert float(aligned) < 0.05 < float(shuffled), loss
+    embeds, speech_lengths = model.speech_embeddings(batch["speech"])
+    model.zero_grad(set_to_none=True)
+    token_alignment(model, embeds, speech_lengths, ids, chars).backward()
+    assert all(p.grad is None for p in model.llama_model.parameters())  # only the adapter learns
+    assert model.adapter.fc1.weight.grad.abs().sum() > 0
+
+
+def test_learning_rate_restarts_its_warm_up_and_decay_at_each_phase():
+    from blsp_ray.train.deepspeed_config import WarmupDecay
+
+    one = WarmupDecay([0], total_steps=10, warmup=2)
+    assert [round(one(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    two = WarmupDecay([0, 4], total_steps=10, warmup=2)  # alignment warm-up of 4 steps, then 6
+    assert [round(two(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
 def test_continuation_tokens_keeps_the_template_and_the_first_target_tokens(tiny_assets):
     proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
     ex = proc.speech_prompt("Continue.", "one two three four five six seven eight")

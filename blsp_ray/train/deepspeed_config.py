@@ -1,15 +1,42 @@
-"""Our ``TrainConfig`` -> a DeepSpeed config dict (ZeRO stage, precision, batch, clipping, AdamW, LR schedule)."""
+"""Our ``TrainConfig`` -> a DeepSpeed config dict (ZeRO stage, precision, batch, clipping, AdamW) and its LR schedule."""
 
 from __future__ import annotations
+
+import torch
 
 from blsp_ray.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig, total_steps: int, world_size: int) -> dict:
+class WarmupDecay:
+    """LR multiplier at an optimiser step: DeepSpeed's ``WarmupDecayLR`` (linear warm-up over
+    ``warmup`` steps, then linear decay to 0), restarted at each phase start. Stage 2's alignment
+    warm-up and its objective are two phases; everything else is one.
+
+    A callable object, not a lambda, so the scheduler's state (in DeepSpeed checkpoints) keeps it.
+    """
+
+    def __init__(self, phase_starts: list[int], total_steps: int, warmup: int):
+        self.phase_starts, self.total_steps, self.warmup = sorted(set(phase_starts) | {0}), max(total_steps, 1), warmup
+
+    def __call__(self, step: int) -> float:
+        start = max(p for p in self.phase_starts if p <= step)
+        end = min([p for p in self.phase_starts if p > step] + [self.total_steps])
+        k, n = step - start, max(end - start, 1)
+        warmup = min(self.warmup, n - 1)
+        if k < warmup:
+            return (k + 1) / warmup
+        return max(n - k, 0) / max(n - warmup, 1)
+
+
+def lr_schedule(phase_starts: list[int], total_steps: int, warmup: int):
+    """``deepspeed.initialize(lr_scheduler=...)``: the optimiser DeepSpeed builds -> our schedule."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(phase_starts, total_steps, warmup))
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed config of one run, as the seed's stage-1/2 scripts set it up.
 
-    AdamW with a linear warm-up then linear decay (``WarmupDecayLR``) over ``total_steps``
-    optimiser steps. ``offload_optimizer`` keeps optimiser state in host memory and steps it
+    AdamW; the schedule is ``lr_schedule``'s. ``offload_optimizer`` keeps optimiser state in host memory and steps it
     with DeepSpeedCPUAdam (the seed's stage-2 setting); otherwise plain torch AdamW, which
     needs no compiled op on CPU.
     """
@@ -30,7 +57,6 @@ def deepspeed_config(train: TrainConfig, total_steps: int, world_size: int) -> d
     }
     if not train.offload_optimizer:
         optimizer_params["torch_adam"] = True
-    warmup = min(train.warmup_steps, max(total_steps - 1, 0))
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -38,16 +64,6 @@ def deepspeed_config(train: TrainConfig, total_steps: int, world_size: int) -> d
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": train.lr,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 10**9,  # we log through ray.train.report
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,

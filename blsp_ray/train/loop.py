@@ -107,7 +107,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import torch
 
     from blsp_ray.train.batching import bucketed_batches
-    from blsp_ray.train.deepspeed_config import deepspeed_config
+    from blsp_ray.train.deepspeed_config import deepspeed_config, lr_schedule
     from blsp_ray.train.tasks import TASKS
 
     cfg = BlspRayConfig.model_validate(loop["cfg"])
@@ -124,7 +124,8 @@ def train_loop_per_worker(loop: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         model_parameters=trainable,  # frozen weights get no optimiser state
-        config=deepspeed_config(train, total_steps, world),
+        config=deepspeed_config(train, world),
+        lr_scheduler=lr_schedule(task.phase_starts, total_steps, train.warmup_steps),
     )
 
     # ---- resume ----
@@ -144,7 +145,8 @@ def train_loop_per_worker(loop: dict) -> None:
                             state["world_size"], world)
                 task.load_export(ckpt_dir / EXPORT_DIR)
                 engine.global_steps = state["step"]
-                scheduler.step(state["step"])
+                scheduler.last_epoch = state["step"] - 1
+                scheduler.step()  # the schedule at the resumed step
         resumed_from = state["step"]
         if rank == 0:
             log.info("%s: resumed from step %d", task.name, resumed_from)
@@ -297,6 +299,8 @@ def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = N
         total_steps, max_epochs = train.max_steps, 10**9  # cycle the data until the step budget is spent
     else:
         total_steps, max_epochs = steps_per_epoch * train.epochs, train.epochs
+    extra = task.phase_starts[-1]  # stage 2's alignment warm-up comes on top of the objective's steps
+    total_steps, max_epochs = total_steps + extra, max_epochs + -(-extra // steps_per_epoch)
     log.info("%s: %d rows, %d workers, %d steps/epoch, %d steps", stage, rows, max_workers, steps_per_epoch, total_steps)
 
     workers = max_workers if cfg.cluster.min_workers is None else (cfg.cluster.min_workers, max_workers)

@@ -55,6 +55,42 @@ def embedding_ctc(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tenso
                       blank=blank_id, zero_infinity=True)  # clips too short for their transcript count 0
 
 
+def spread_transcript(token_chars: torch.Tensor, speech_lengths: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Which transcript token is spoken at each speech position, assuming speech runs at an even
+    pace in characters: token t covers its share of the clip in proportion to its characters.
+
+    token_chars: [B, T] characters per transcript token (0 past the transcript's end); speech_lengths: [B].
+    Returns [B, S] indices into the transcript (S = num_positions).
+    """
+    chars = token_chars.float()
+    edges = chars.cumsum(-1) / chars.sum(-1, keepdim=True).clamp(min=1)  # [B, T], ends at 1
+    centres = (torch.arange(num_positions, device=chars.device) + 0.5) / speech_lengths[:, None].clamp(min=1)  # [B, S]
+    index = torch.searchsorted(edges.contiguous(), centres.contiguous())  # first token whose span ends past the centre
+    last = (token_chars > 0).sum(-1, keepdim=True).clamp(min=1) - 1
+    return torch.minimum(index, last)
+
+
+def token_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
+                    token_chars: torch.Tensor, loss: str = "vocab") -> torch.Tensor:
+    """Pull each speech position towards the LM's embedding of the transcript token spoken there
+    (``spread_transcript``): a warm-up that gives the adapter's output the words' identity before
+    the continuation objective, without running the LM.
+
+    ``vocab``: cross-entropy of the token among the whole vocabulary, scored against the LM's token
+    embeddings (discriminative: the token must be told apart from similar ones); ``cosine``: 1 - cosine
+    to the token's embedding. speech_embeds [B, S, H]; transcript_ids, token_chars [B, T].
+    """
+    table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
+    spoken = transcript_ids.gather(1, spread_transcript(token_chars, speech_lengths, speech_embeds.shape[1]))  # [B, S]
+    keep = torch.arange(speech_embeds.shape[1], device=speech_embeds.device)[None] < speech_lengths[:, None]  # [B, S]
+    frames, targets = speech_embeds[keep].float(), spoken[keep]  # [N, H], [N]
+    if loss == "vocab":
+        return F.cross_entropy(frames @ table.float().T, targets)
+    if loss == "cosine":
+        return (1 - F.cosine_similarity(frames, table[targets].float(), dim=-1)).mean()
+    raise ValueError(f"unknown token alignment loss {loss!r} (vocab | cosine)")
+
+
 def stage2_objective(
     blsp,
     batch: dict,

@@ -17,7 +17,7 @@ from torch import nn
 
 from blsp_ray.config import BlspRayConfig, TrainConfig
 from blsp_ray.layout import RunLayout
-from blsp_ray.processing import IGNORE, BlspProcessor, transcript_token_ids
+from blsp_ray.processing import IGNORE, BlspProcessor, token_char_counts, transcript_token_ids
 from blsp_ray.storage import exists, is_s3, local_copy
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class Stage1Task:
     @property
     def export_target(self) -> str:
         return self.layout.stage1_model
+
+    phase_starts = [0]  # one learning-rate phase
 
     def dataset(self):
         import ray.data
@@ -251,7 +253,12 @@ class Stage2Task:
 
     @property
     def needs_transcripts(self) -> bool:
-        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0
+        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0 or self.train.alignment_steps > 0
+
+    @property
+    def phase_starts(self) -> list[int]:
+        """Optimiser steps where a learning-rate phase begins: the objective after the alignment warm-up."""
+        return [0, self.train.alignment_steps] if self.train.alignment_steps else [0]
 
     def dataset(self):
         import ray.data
@@ -290,6 +297,8 @@ class Stage2Task:
         self.blsp.whisper_model.to(dtype)
         self.blsp.llama_model.to(dtype)
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
+        if self.train.alignment_steps:
+            self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
         return AdapterModule(self.blsp)
 
     def collate(self, rows: list[dict]) -> dict:
@@ -312,7 +321,7 @@ class Stage2Task:
         return batch
 
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
-        from blsp_ray.train.objectives import stage2_objective
+        from blsp_ray.train.objectives import stage2_objective, token_alignment
 
         if "encoder_hidden" in batch:
             hidden, lengths = batch["encoder_hidden"], batch["encoder_lengths"]
@@ -321,6 +330,11 @@ class Stage2Task:
                 hidden, lengths = self.blsp.encode_speech(batch["speech"])
         speech_embeds, speech_lengths = engine(hidden.to(next(engine.module.parameters()).dtype), lengths)
         t = self.train
+        if engine.global_steps < t.alignment_steps:
+            ids, n = batch["transcript_ids"], batch["transcript_lengths"]
+            chars = self.token_chars.to(ids.device)[ids] * (torch.arange(ids.shape[1], device=ids.device)[None] < n[:, None])  # [B, T], 0 past the end
+            loss = token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, t.alignment_loss)
+            return {"loss": loss, "alignment": loss.detach()}
         return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
                                 t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
 
