@@ -209,7 +209,7 @@ def train_loop_per_worker(loop: dict) -> None:
                 metrics[f"loss_{k}"] = v / max(sums[1], 1)
             if rank == 0 and hasattr(task, "heldout_metrics"):
                 metrics.update(task.heldout_metrics(engine))
-            history.append({"step": step, **{k: v for k, v in metrics.items() if k == "loss" or k.startswith("heldout_")}})
+            history.append({"step": step, **{k: v for k, v in metrics.items() if k == "loss" or k.startswith(("loss_", "heldout_"))}})
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
             window_parts = {}
             if not save:
