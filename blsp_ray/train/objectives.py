@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blsp_ray.modeling import length_mask
 from blsp_ray.processing import IGNORE
 
 
@@ -82,7 +83,7 @@ def token_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Ten
     """
     table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
     spoken = transcript_ids.gather(1, spread_transcript(token_chars, speech_lengths, speech_embeds.shape[1]))  # [B, S]
-    keep = torch.arange(speech_embeds.shape[1], device=speech_embeds.device)[None] < speech_lengths[:, None]  # [B, S]
+    keep = length_mask(speech_lengths, speech_embeds.shape[1])  # [B, S]
     frames, targets = speech_embeds[keep].float(), spoken[keep]  # [N, H], [N]
     if loss == "vocab":
         return F.cross_entropy(frames @ table.float().T, targets)

@@ -321,6 +321,7 @@ class Stage2Task:
         return batch
 
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
+        from blsp_ray.modeling import length_mask
         from blsp_ray.train.objectives import stage2_objective, token_alignment
 
         if "encoder_hidden" in batch:
@@ -332,7 +333,7 @@ class Stage2Task:
         t = self.train
         if engine.global_steps < t.alignment_steps:
             ids, n = batch["transcript_ids"], batch["transcript_lengths"]
-            chars = self.token_chars.to(ids.device)[ids] * (torch.arange(ids.shape[1], device=ids.device)[None] < n[:, None])  # [B, T], 0 past the end
+            chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
             loss = token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, t.alignment_loss)
             return {"loss": loss, "alignment": loss.detach()}
         return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
