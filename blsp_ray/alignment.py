@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from blsp_ray.engines import GenerationSettings, TransformersEngine
+from blsp_ray.modeling import to_device
 from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
 from blsp_ray.processing import transcript_token_ids
 from blsp_ray.train.objectives import continuation_forward, response_kl
@@ -61,10 +62,11 @@ class HeldoutSet:
         self.blsp, self.processor, self.tokenizer = blsp, processor, processor.tokenizer
         self.texts = [str(r["text"]) for r in rows]
         self.instruction, self.batch_size = instruction, batch_size
+        self.device = blsp.llama_model.device  # where the model is: every tensor built here goes there
         self.hidden: list[torch.Tensor] = []  # [T_i, d_model] per clip
         with torch.no_grad():
             for i in range(0, len(self.texts), batch_size):
-                hidden, lengths = blsp.encode_speech(processor.features(waveforms[i : i + batch_size]))
+                hidden, lengths = blsp.encode_speech(processor.features(waveforms[i : i + batch_size]).to(self.device))
                 self.hidden += [h[:n] for h, n in zip(hidden, lengths.tolist())]
         # The teacher writes as in labelling: the text prompt, the labelling settings (greedy, stops).
         self.engine = TransformersEngine(blsp.llama_model, self.tokenizer, settings, batch_size)
@@ -83,18 +85,18 @@ class HeldoutSet:
         if condition == "transcript":
             ids = [torch.tensor(transcript_token_ids(self.tokenizer, self.texts[i])) for i in idx]
             padded, lengths = _pad_rows(ids)
-            return self.blsp.llama_model.get_input_embeddings()(padded), lengths
+            return self.blsp.llama_model.get_input_embeddings()(padded.to(self.device)), lengths.to(self.device)
         if condition not in CONDITIONS:
             raise ValueError(f"unknown condition {condition!r} (one of {CONDITIONS})")
         src = [(i + 1) % len(self) if condition == "shuffled" else i for i in idx]  # shuffled: the next clip's speech
         hidden, lengths = _pad_rows([self.hidden[j] for j in src])
         dtype = next(p for p in self.blsp.llama_model.parameters()).dtype
-        embeds, lengths = adapter(hidden.to(dtype), lengths)
+        embeds, lengths = adapter(hidden.to(dtype), lengths.to(self.device))
         return embeds, lengths
 
     def _prompt(self, idx: range, instruction: str, with_targets: bool) -> dict:
         examples = [self.processor.speech_prompt(instruction, self.continuations[i] if with_targets else None) for i in idx]
-        return self.processor.collate_speech(examples)
+        return to_device(self.processor.collate_speech(examples), self.device)
 
     @torch.no_grad()
     def teacher_forced(self, adapter: Adapter | None, condition: str = "speech") -> dict[str, float]:

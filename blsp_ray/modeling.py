@@ -132,6 +132,14 @@ class SpeechBatch:
     features: torch.Tensor  # [B, n_mels, F]
     frame_lengths: torch.Tensor  # [B], <= F
 
+    def to(self, device) -> SpeechBatch:
+        return SpeechBatch(self.features.to(device), self.frame_lengths.to(device))
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors (and ``SpeechBatch``) on ``device``; other values as they are."""
+    return {k: v.to(device) if isinstance(v, (torch.Tensor, SpeechBatch)) else v for k, v in batch.items()}
+
 
 def whisper_encode(enc: WhisperEncoder, speech: SpeechBatch, pad_audio_to_30s: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mel features -> Whisper hidden states [B, T, d_model] and their lengths [B] (T = frames / 2).

@@ -15,6 +15,7 @@ from blsp_ray.modeling import (
     build_blsp_from_parts,
     load_blsp,
     load_whisper_encoder,
+    to_device,
 )
 from blsp_ray.processing import IGNORE, BlspProcessor
 from blsp_ray.storage import read_jsonl
@@ -213,6 +214,20 @@ def test_paper_config_on_meta_device():
     assert 85e6 < enc < 92e6  # whisper-small encoder: about 88 M
     assert 40e6 < adapter < 50e6  # 3 convs (768 -> 1536, 768 -> 1536, 768 -> 8192, k=5) + 2 x 4096 x 512
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_collated_batch_moves_to_the_training_device(parts, clips):
+    # The training loop collates on the CPU and moves each batch to the DeepSpeed engine's device
+    # (cuda:N on a GPU worker); "meta" stands in for it here. The speech features travel too.
+    _, proc = parts
+    rows, waves = clips
+    batch = proc.collate_speech([proc.speech_prompt(INSTRUCTION, r["text"]) for r in rows], waves)
+    batch["note"] = "kept"
+    moved = to_device(batch, "meta")
+    assert moved["note"] == "kept"
+    assert moved["speech"].features.is_meta and moved["speech"].frame_lengths.is_meta
+    tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    assert tensors and all(moved[k].is_meta and moved[k].shape == batch[k].shape for k in tensors)
 
 
 def test_feature_extractor_frames_match_samples(tiny_assets):

@@ -106,6 +106,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train
     import torch
 
+    from blsp_ray.modeling import to_device
     from blsp_ray.train.batching import bucketed_batches
     from blsp_ray.train.deepspeed_config import deepspeed_config, lr_schedule
     from blsp_ray.train.tasks import TASKS
@@ -167,7 +168,7 @@ def train_loop_per_worker(loop: dict) -> None:
             micro_in_epoch += 1
             if micro_in_epoch <= skip:  # consumed before the checkpoint we resumed from
                 continue
-            batch = task.collate(rows)
+            batch = to_device(task.collate(rows), engine.device)  # collated on the CPU
             out = task.loss(engine, batch)
             engine.backward(out["loss"])
             engine.step()

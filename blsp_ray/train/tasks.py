@@ -292,10 +292,15 @@ class Stage2Task:
         from blsp_ray.modeling import build_blsp
 
         settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
+        from deepspeed.accelerator import get_accelerator
+
         self.blsp = build_blsp(settings)
         self.blsp.freeze_backbones()
         self.blsp.whisper_model.to(dtype)
         self.blsp.llama_model.to(dtype)
+        # DeepSpeed moves only the module it is given (the adapter); the frozen encoder and LM the
+        # loss runs through go to the same device here.
+        self.blsp.to(get_accelerator().current_device_name())
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
         if self.train.alignment_steps:
             self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
