@@ -3,7 +3,7 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/tiny.yaml
+CONFIG ?= configs/mini.yaml   # BLSP-mini: real small weights; configs/tiny.yaml: random weights, 4 minutes
 
 .PHONY: demo test setup clean
 

@@ -1,4 +1,4 @@
-"""Run the whole BLSP pipeline as Ray jobs (the README's first command runs this on configs/tiny.yaml)."""
+"""Run the whole BLSP pipeline as Ray jobs (the README's first command runs this on configs/mini.yaml)."""
 
 import signal
 import sys

@@ -72,19 +72,26 @@ def spread_transcript(token_chars: torch.Tensor, speech_lengths: torch.Tensor, n
 
 
 def token_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
-                    token_chars: torch.Tensor, loss: str = "vocab") -> torch.Tensor:
+                    token_chars: torch.Tensor, loss: str = "vocab", negatives: int | None = None) -> torch.Tensor:
     """Pull each speech position towards the LM's embedding of the transcript token spoken there
     (``spread_transcript``): a warm-up that gives the adapter's output the words' identity before
     the continuation objective, without running the LM.
 
     ``vocab``: cross-entropy of the token among the whole vocabulary, scored against the LM's token
     embeddings (discriminative: the token must be told apart from similar ones); ``cosine``: 1 - cosine
-    to the token's embedding. speech_embeds [B, S, H]; transcript_ids, token_chars [B, T].
+    to the token's embedding. ``negatives`` (``vocab`` only): a sampled softmax over the batch's spoken
+    tokens plus this many drawn uniformly from the vocabulary, instead of all of it (the [N, V] product
+    is most of a step's cost; a uniform proposal needs no correction). speech_embeds [B, S, H];
+    transcript_ids, token_chars [B, T].
     """
     table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
     spoken = transcript_ids.gather(1, spread_transcript(token_chars, speech_lengths, speech_embeds.shape[1]))  # [B, S]
     keep = length_mask(speech_lengths, speech_embeds.shape[1])  # [B, S]
     frames, targets = speech_embeds[keep].float(), spoken[keep]  # [N, H], [N]
+    if loss == "vocab" and negatives:
+        drawn = torch.randint(0, table.shape[0], (negatives,), device=targets.device)
+        candidates = torch.unique(torch.cat([targets, drawn]))  # [C], sorted
+        return F.cross_entropy(frames @ table[candidates].float().T, torch.searchsorted(candidates, targets))
     if loss == "vocab":
         return F.cross_entropy(frames @ table.float().T, targets)
     if loss == "cosine":

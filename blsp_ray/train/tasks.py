@@ -339,7 +339,7 @@ class Stage2Task:
         if engine.global_steps < t.alignment_steps:
             ids, n = batch["transcript_ids"], batch["transcript_lengths"]
             chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
-            loss = token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, t.alignment_loss)
+            loss = token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, t.alignment_loss, t.alignment_negatives)
             return {"loss": loss, "alignment": loss.detach()}
         return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
                                 t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
