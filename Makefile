@@ -3,7 +3,8 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/mini.yaml   # BLSP-mini: real small weights; configs/tiny.yaml: random weights, 4 minutes
+# BLSP-mini: real small weights; configs/tiny.yaml: random weights, 4 minutes
+CONFIG ?= configs/mini.yaml
 
 .PHONY: demo test setup clean
 

@@ -289,11 +289,11 @@ class Stage2Task:
     # -- worker side --
 
     def build(self, dtype: torch.dtype) -> nn.Module:
+        from deepspeed.accelerator import get_accelerator
+
         from blsp_ray.modeling import build_blsp
 
         settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
-        from deepspeed.accelerator import get_accelerator
-
         self.blsp = build_blsp(settings)
         self.blsp.freeze_backbones()
         self.blsp.whisper_model.to(dtype)
