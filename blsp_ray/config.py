@@ -154,6 +154,9 @@ class SpeechSynthConfig(_Section):
     wordnet_dir: str = "/usr/share/wordnet"
     min_words: int = Field(4, ge=1)  # wordnet sentences outside [min_words, max_words] are skipped
     max_words: int = Field(20, ge=1)
+    # wordnet: keep only sentences whose words are all among the pool's N most common (a closed
+    # vocabulary: held-out sentences are new, their words are not); null: every sentence.
+    vocabulary_size: int | None = Field(None, ge=1)
     num_sentences: int = Field(40, ge=1)
     train_voices: list[str] = Field(default_factory=lambda: ["en-us", "en"])
     heldout_voices: list[str] = Field(default_factory=lambda: ["en-gb-x-rp"])

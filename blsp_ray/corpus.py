@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 _SUBJECTS = [
@@ -105,15 +106,30 @@ def wordnet_sentences(wordnet_dir: str | Path, min_words: int = 4, max_words: in
     return out
 
 
+def _words(sentence: str) -> list[str]:
+    return re.findall(r"[a-z']+", sentence.lower())
+
+
+def within_vocabulary(sentences: list[str], size: int) -> list[str]:
+    """The sentences whose words are all among the ``size`` most common of ``sentences`` (each
+    word counted once per sentence; ties broken by first appearance). Order kept."""
+    counts = Counter(w for s in sentences for w in dict.fromkeys(_words(s)))
+    vocabulary = {w for w, _ in counts.most_common(size)}
+    return [s for s in sentences if all(w in vocabulary for w in _words(s))]
+
+
 def load_sentences(cfg) -> list[str]:
     """``cfg.num_sentences`` distinct sentences from ``cfg.text_source`` (a SpeechSynthConfig), shuffled by seed."""
     if cfg.text_source == "grammar":
         return make_sentences(cfg.num_sentences, cfg.seed)
     pool = wordnet_sentences(cfg.wordnet_dir, cfg.min_words, cfg.max_words)
+    if cfg.vocabulary_size:
+        pool = within_vocabulary(pool, cfg.vocabulary_size)
     if cfg.num_sentences > len(pool):
+        within = f" within its {cfg.vocabulary_size} most common words" if cfg.vocabulary_size else ""
         raise ValueError(
             f"asked for {cfg.num_sentences} sentences, {cfg.wordnet_dir} has {len(pool)} with "
-            f"{cfg.min_words}-{cfg.max_words} words"
+            f"{cfg.min_words}-{cfg.max_words} words{within}"
         )
     random.Random(cfg.seed).shuffle(pool)
     return pool[: cfg.num_sentences]
