@@ -106,16 +106,18 @@ def wordnet_sentences(wordnet_dir: str | Path, min_words: int = 4, max_words: in
     return out
 
 
-def _words(sentence: str) -> list[str]:
+def sentence_words(sentence: str) -> list[str]:
+    """Lower-cased words (letters and apostrophes), punctuation dropped."""
     return re.findall(r"[a-z']+", sentence.lower())
 
 
 def within_vocabulary(sentences: list[str], size: int) -> list[str]:
     """The sentences whose words are all among the ``size`` most common of ``sentences`` (each
     word counted once per sentence; ties broken by first appearance). Order kept."""
-    counts = Counter(w for s in sentences for w in dict.fromkeys(_words(s)))
+    words = [sentence_words(s) for s in sentences]
+    counts = Counter(w for ws in words for w in dict.fromkeys(ws))
     vocabulary = {w for w, _ in counts.most_common(size)}
-    return [s for s in sentences if all(w in vocabulary for w in _words(s))]
+    return [s for s, ws in zip(sentences, words) if vocabulary.issuperset(ws)]
 
 
 def load_sentences(cfg) -> list[str]:

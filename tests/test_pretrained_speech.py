@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from blsp_ray.config import ConfigError, SpeechSynthConfig, config_from_dict, load_config
-from blsp_ray.corpus import load_sentences, make_sentences, within_vocabulary, wordnet_sentences
+from blsp_ray.corpus import load_sentences, make_sentences, sentence_words, within_vocabulary, wordnet_sentences
 from blsp_ray.speech import check_voices, plan_corpus, synthesize_corpus
 from blsp_ray.storage import read_jsonl
 
@@ -49,10 +49,10 @@ def test_closed_vocabulary_keeps_sentences_of_common_words():
     assert within_vocabulary(sentences, 4) == ["The cat sat.", "The dog sat."]
     closed = SpeechSynthConfig(text_source="wordnet", num_sentences=500, vocabulary_size=1500, seed=3)
     chosen = load_sentences(closed)
-    vocabulary = {w for s in chosen for w in re.findall(r"[a-z']+", s.lower())}
+    vocabulary = {w for s in chosen for w in sentence_words(s)}
     assert len(chosen) == 500 and len(vocabulary) <= 1500
     open_vocabulary = {w for s in load_sentences(closed.model_copy(update={"vocabulary_size": None}))
-                       for w in re.findall(r"[a-z']+", s.lower())}
+                       for w in sentence_words(s)}
     assert len(open_vocabulary) > 1500  # the same number of unrestricted sentences use more words
     with pytest.raises(ValueError, match="within its 100 most common words"):
         load_sentences(closed.model_copy(update={"vocabulary_size": 100}))
