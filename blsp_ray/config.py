@@ -260,6 +260,10 @@ class Stage2Config(TrainConfig):
     # vocab only: score against the batch's spoken tokens plus this many random ones (a sampled
     # softmax, several times faster on a 49k vocabulary); None: the whole embedding table.
     alignment_negatives: int | None = Field(None, ge=1)
+    # The same token alignment kept on during the continuation objective, added with this weight
+    # (needs no warm-up). It keeps the adapter's output tied to the words spoken, against the pull of
+    # the continuations' few generic openings; 0: off.
+    alignment_weight: float = Field(0.0, ge=0)
 
 
 class EngineConfig(_Section):

@@ -253,7 +253,8 @@ class Stage2Task:
 
     @property
     def needs_transcripts(self) -> bool:
-        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0 or self.train.alignment_steps > 0
+        t = self.train
+        return t.objective in ("kl", "ce+kl") or t.ctc_weight > 0 or t.alignment_steps > 0 or t.alignment_weight > 0
 
     @property
     def phase_starts(self) -> list[int]:
@@ -302,7 +303,7 @@ class Stage2Task:
         # loss runs through go to the same device here.
         self.blsp.to(get_accelerator().current_device_name())
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
-        if self.train.alignment_steps:
+        if self.train.alignment_steps or self.train.alignment_weight:
             self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
         return AdapterModule(self.blsp)
 
@@ -326,8 +327,7 @@ class Stage2Task:
         return batch
 
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
-        from blsp_ray.modeling import length_mask
-        from blsp_ray.train.objectives import stage2_objective, token_alignment
+        from blsp_ray.train.objectives import stage2_objective
 
         if "encoder_hidden" in batch:
             hidden, lengths = batch["encoder_hidden"], batch["encoder_lengths"]
@@ -337,12 +337,22 @@ class Stage2Task:
         speech_embeds, speech_lengths = engine(hidden.to(next(engine.module.parameters()).dtype), lengths)
         t = self.train
         if engine.global_steps < t.alignment_steps:
-            ids, n = batch["transcript_ids"], batch["transcript_lengths"]
-            chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
-            loss = token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, t.alignment_loss, t.alignment_negatives)
+            loss = self._token_alignment(batch, speech_embeds, speech_lengths)
             return {"loss": loss, "alignment": loss.detach()}
-        return stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
-                                t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
+        parts = stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
+                                 t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
+        if t.alignment_weight:
+            parts["alignment"] = self._token_alignment(batch, speech_embeds, speech_lengths)
+            parts["loss"] = parts["loss"] + t.alignment_weight * parts["alignment"]
+        return parts
+
+    def _token_alignment(self, batch: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> torch.Tensor:
+        from blsp_ray.modeling import length_mask
+        from blsp_ray.train.objectives import token_alignment
+
+        ids, n = batch["transcript_ids"], batch["transcript_lengths"]
+        chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
+        return token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, self.train.alignment_loss, self.train.alignment_negatives)
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
