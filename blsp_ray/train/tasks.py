@@ -253,8 +253,12 @@ class Stage2Task:
 
     @property
     def needs_transcripts(self) -> bool:
-        t = self.train
-        return t.objective in ("kl", "ce+kl") or t.ctc_weight > 0 or t.alignment_steps > 0 or t.alignment_weight > 0
+        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0 or self.uses_token_alignment
+
+    @property
+    def uses_token_alignment(self) -> bool:
+        """As a warm-up, as an auxiliary loss during the objective, or both."""
+        return self.train.alignment_steps > 0 or self.train.alignment_weight > 0
 
     @property
     def phase_starts(self) -> list[int]:
@@ -303,7 +307,7 @@ class Stage2Task:
         # loss runs through go to the same device here.
         self.blsp.to(get_accelerator().current_device_name())
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
-        if self.train.alignment_steps or self.train.alignment_weight:
+        if self.uses_token_alignment:
             self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
         return AdapterModule(self.blsp)
 
