@@ -38,14 +38,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm-cache"))
 
     from blsp_ray.config import BlspRayConfig, TinyAssetsConfig, config_from_dict, load_config
-    from blsp_ray.corpus import make_sentences
+    from blsp_ray.demo.corpus import make_sentences
     from blsp_ray.engines import GenerationSettings, TransformersEngine, VllmEngine
-    from blsp_ray.prompts import continuation_prompt
+    from blsp_ray.model.prompts import continuation_prompt
 
     if args.config:
         base = load_config(args.config)
     else:
-        from blsp_ray.assets import build_tiny_assets
+        from blsp_ray.demo.assets import build_tiny_assets
 
         assets = build_tiny_assets(TinyAssetsConfig(out_dir=str(work / "assets")))
         base = config_from_dict({"model": {"lm_path": str(assets / "lm"), "whisper_path": str(assets / "whisper")}})
@@ -79,8 +79,8 @@ def main() -> None:
     # 2. the Ray Data + vLLM labelling job (local cluster, one engine replica)
     import ray
 
-    from blsp_ray.cluster import start_local_cluster
-    from blsp_ray.label import run_label
+    from blsp_ray.runtime import start_local_cluster
+    from blsp_ray.stages.label import run_label
 
     cluster = start_local_cluster(num_cpus=2)
     try:

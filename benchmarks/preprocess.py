@@ -1,6 +1,6 @@
 """Throughput and memory of the offline preprocessing (Ray Data, 2 CPUs) on the demo corpus.
 
-Speech comes from ``blsp_ray.speech.synthesize_corpus`` (espeak-ng), labelled with a stand-in
+Speech comes from ``blsp_ray.demo.speech.synthesize_corpus`` (espeak-ng), labelled with a stand-in
 continuation and repeated to ``--rows`` rows. Baseline, measured in the same run on the same rows:
 a plain single-process loop over the same shards with the same worker code (``ShardProcessor``),
 no Ray. Peak memory: the baseline's max RSS; for Ray, the peak of the summed RSS of the driver and
@@ -35,9 +35,9 @@ from blsp_ray.config import SpeechSynthConfig, TinyAssetsConfig, config_from_dic
 
 
 def make_inputs(work: Path, rows: int, sentences: int) -> tuple[Path, Path]:
-    from blsp_ray.assets import build_tiny_assets
-    from blsp_ray.speech import synthesize_corpus
-    from blsp_ray.storage import read_jsonl, write_jsonl
+    from blsp_ray.demo.assets import build_tiny_assets
+    from blsp_ray.demo.speech import synthesize_corpus
+    from blsp_ray.io.storage import read_jsonl, write_jsonl
 
     assets = build_tiny_assets(TinyAssetsConfig(out_dir=str(work / "assets")))
     manifest = synthesize_corpus(SpeechSynthConfig(out_dir=str(work / "speech"), num_sentences=sentences,
@@ -59,7 +59,7 @@ def cfg_for(assets: Path, rows_per_shard: int, address: str | None = None):
 
 
 def _baseline(assets: str, manifest: str, out: str, rows_per_shard: int, q) -> None:
-    from blsp_ray.data.preprocess import Settings, ShardProcessor, plan_shards
+    from blsp_ray.stages.preprocess import Settings, ShardProcessor, plan_shards
 
     t0 = time.perf_counter()
     cfg = cfg_for(Path(assets), rows_per_shard)
@@ -117,8 +117,8 @@ class RssSampler(threading.Thread):
 def run_ray(assets: Path, manifest: Path, out: Path, rows_per_shard: int) -> dict:
     import ray
 
-    from blsp_ray.cluster import start_local_cluster
-    from blsp_ray.data.preprocess import preprocess
+    from blsp_ray.runtime import start_local_cluster
+    from blsp_ray.stages.preprocess import preprocess
 
     cluster = start_local_cluster(num_cpus=2)
     try:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from blsp_ray.cluster import free_port, start_local_cluster  # noqa: E402  (sets loopback env before ray)
+from blsp_ray.runtime import free_port, start_local_cluster  # noqa: E402  (sets loopback env before ray)
 
 for key, value in {
     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -45,9 +45,9 @@ def wav_b64(seconds: float = 1.0) -> str:
 def tiny_checkpoint(root: Path) -> tuple[Path, Path]:
     import torch
 
-    from blsp_ray.assets import build_tiny_assets
+    from blsp_ray.demo.assets import build_tiny_assets
     from blsp_ray.config import TinyAssetsConfig
-    from blsp_ray.modeling import build_blsp_from_parts
+    from blsp_ray.model.modeling import build_blsp_from_parts
 
     assets = build_tiny_assets(TinyAssetsConfig(out_dir=str(root / "assets")))
     torch.manual_seed(0)

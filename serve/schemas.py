@@ -17,8 +17,8 @@ import numpy as np
 import soundfile as sf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blsp_ray.audio import AudioError, decode_audio
-from blsp_ray.chat import ChatTurn, SamplingSettings
+from blsp_ray.model.audio import AudioError, decode_audio
+from blsp_ray.speech_lm import ChatTurn, SamplingSettings
 from blsp_ray.config import ServeConfig
 
 AUDIO_FORMATS = {"wav", "flac"}  # what libsndfile decodes reliably; others are rejected, not guessed

@@ -51,7 +51,7 @@ def tmp_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_root):
     """Random-weight Llama-style LM + tokenizer and Whisper encoder, built offline."""
-    from blsp_ray.assets import build_tiny_assets
+    from blsp_ray.demo.assets import build_tiny_assets
     from blsp_ray.config import TinyAssetsConfig
 
     return build_tiny_assets(TinyAssetsConfig(out_dir=str(tmp_root / "assets")))
@@ -61,7 +61,7 @@ def tiny_assets(tmp_root):
 def speech_corpus(tmp_root):
     """espeak-ng speech: {"train": manifest path, "heldout": manifest path}."""
     from blsp_ray.config import SpeechSynthConfig
-    from blsp_ray.speech import synthesize_corpus
+    from blsp_ray.demo.speech import synthesize_corpus
 
     return synthesize_corpus(SpeechSynthConfig(out_dir=str(tmp_root / "speech"), num_sentences=24))
 
@@ -71,7 +71,7 @@ def ray_cluster(tmp_root):
     """A real local Ray cluster on 127.0.0.1 for the whole session; this driver is connected to it."""
     import ray
 
-    from blsp_ray.cluster import start_local_cluster
+    from blsp_ray.runtime import start_local_cluster
 
     cluster = start_local_cluster(num_cpus=2)
     try:
@@ -94,7 +94,7 @@ def s3_server():
     import time
     import urllib.request
 
-    from blsp_ray.cluster import free_port
+    from blsp_ray.runtime import free_port
 
     port = free_port()
     proc = subprocess.Popen(

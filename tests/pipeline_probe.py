@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from blsp_ray.cli import job_parser, load_job_config
-from blsp_ray.layout import RunLayout
+from blsp_ray.io.layout import RunLayout
 
 if __name__ == "__main__":
     cfg = load_job_config(job_parser(__doc__).parse_args())

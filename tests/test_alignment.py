@@ -1,4 +1,4 @@
-"""Held-out alignment scoring (blsp_ray.alignment) and stage 2's cached encoder outputs, on the tiny models."""
+"""Held-out alignment scoring (blsp_ray.heldout) and stage 2's cached encoder outputs, on the tiny models."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from blsp_ray.alignment import HeldoutSet, word_recall
-from blsp_ray.audio import load_audio
+from blsp_ray.heldout import HeldoutSet
+from blsp_ray.metrics import word_recall
+from blsp_ray.model.audio import load_audio
 from blsp_ray.engines import GenerationSettings
-from blsp_ray.modeling import build_blsp_from_parts
-from blsp_ray.processing import BlspProcessor
-from blsp_ray.storage import read_jsonl
-from blsp_ray.train.tasks import AdapterModule, encoder_outputs
+from blsp_ray.model.modeling import build_blsp_from_parts
+from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.io.storage import read_jsonl
+from blsp_ray.stages.stage2 import AdapterModule, encoder_outputs
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,8 @@ def test_evaluate_prints_the_heldout_table(ray_cluster, tiny_assets, speech_corp
     import json
 
     from blsp_ray.config import config_from_dict
-    from blsp_ray.evaluation import TABLE_COLUMNS, run_evaluate
-    from blsp_ray.storage import write_jsonl
+    from blsp_ray.stages.evaluate import TABLE_COLUMNS, run_evaluate
+    from blsp_ray.io.storage import write_jsonl
 
     torch.manual_seed(0)
     model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)

@@ -3,10 +3,10 @@ import json
 import soundfile as sf
 from transformers import AutoTokenizer, LlamaConfig, WhisperConfig
 
-from blsp_ray.assets import build_tiny_assets
+from blsp_ray.demo.assets import build_tiny_assets
 from blsp_ray.config import SpeechSynthConfig, TinyAssetsConfig
-from blsp_ray.speech import synthesize_corpus
-from blsp_ray.storage import read_jsonl
+from blsp_ray.demo.speech import synthesize_corpus
+from blsp_ray.io.storage import read_jsonl
 
 
 def test_tiny_assets_are_hf_layout_and_idempotent(tiny_assets):

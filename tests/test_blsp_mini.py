@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blsp_ray.config import load_config
-from blsp_ray.pipeline import run_pipeline
+from blsp_ray.stages.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from blsp_ray.audio import load_audio
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import config_from_dict
-from blsp_ray.data.alpaca import prepare_alpaca
-from blsp_ray.data.asr import prepare_asr
-from blsp_ray.data.text import alpaca_instruction, gigaspeech_text, normalize_english
-from blsp_ray.storage import read_jsonl
+from blsp_ray.stages.prepare_alpaca import prepare_alpaca
+from blsp_ray.stages.prepare_asr import prepare_asr
+from blsp_ray.text import alpaca_instruction, gigaspeech_text, normalize_english
+from blsp_ray.io.storage import read_jsonl
 
 
 def tone(seconds: float, rate: int, freq: float = 220.0, channels: int = 1) -> np.ndarray:
@@ -178,7 +178,7 @@ def test_outputs_to_s3(tmp_path, s3_server):
     import boto3
 
     from blsp_ray.config import S3Config
-    from blsp_ray.storage import exists, list_dir, open_input
+    from blsp_ray.io.storage import exists, list_dir, open_input
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="blsp-data")
     s3 = S3Config(endpoint_url=s3_server, region="us-east-1")

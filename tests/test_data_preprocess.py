@@ -19,8 +19,8 @@ import soundfile as sf
 import yaml
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.data.preprocess import SCHEMA, SUMMARY_FILE, preprocess
-from blsp_ray.processing import BlspProcessor
+from blsp_ray.stages.preprocess import SCHEMA, SUMMARY_FILE, preprocess
+from blsp_ray.model.processing import BlspProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text."
@@ -228,7 +228,7 @@ def test_labelled_parquet_input(corpus, tiny_assets, ray_cluster, tmp_path):
 
 def test_target_column_is_configurable(corpus, tiny_assets, tmp_path):
     """Transcripts as targets (ASR-style data); the worker runs in-process here, no Ray needed."""
-    from blsp_ray.data.preprocess import Settings, ShardProcessor, plan_shards
+    from blsp_ray.stages.preprocess import Settings, ShardProcessor, plan_shards
 
     manifest, good, _ = corpus
     cfg = make_cfg(tiny_assets, None, target_column="text", rows_per_shard=100)

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from blsp_ray.cluster import start_local_cluster
+from blsp_ray.runtime import start_local_cluster
 from blsp_ray.config import config_from_dict
-from blsp_ray.label import ROW_ID, stats_dir
-from blsp_ray.layout import RunLayout
+from blsp_ray.stages.label import ROW_ID, stats_dir
+from blsp_ray.io.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat while rain fell over quiet hills and the river ran past old stone walls".split()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.evaluation import alignment_scores, mean_token_kl, run_evaluate, text_metrics
-from blsp_ray.storage import write_jsonl
+from blsp_ray.metrics import text_metrics
+from blsp_ray.stages.evaluate import alignment_scores, mean_token_kl, run_evaluate
+from blsp_ray.io.storage import write_jsonl
 
 
 def test_wer_cer_by_hand():
@@ -62,9 +63,9 @@ def test_alignment_scores_and_report(tmp_path):
 
 
 def test_behaviour_alignment_runs_on_a_checkpoint(tiny_assets, speech_corpus, tmp_path):
-    from blsp_ray.evaluation import behaviour_alignment
-    from blsp_ray.modeling import build_blsp_from_parts
-    from blsp_ray.storage import read_jsonl
+    from blsp_ray.stages.evaluate import behaviour_alignment
+    from blsp_ray.model.modeling import build_blsp_from_parts
+    from blsp_ray.io.storage import read_jsonl
 
     torch.manual_seed(0)
     model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)

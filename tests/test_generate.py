@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blsp_ray.audio import load_audio
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import GenerateConfig
-from blsp_ray.storage import read_jsonl, write_jsonl
+from blsp_ray.io.storage import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Please transcribe the following audio."
@@ -24,7 +24,7 @@ def checkpoint(tiny_assets, tmp_path_factory):
     """An adapter-only BLSP checkpoint (untrained adapter) on the tiny assets."""
     import torch
 
-    from blsp_ray.modeling import build_blsp_from_parts
+    from blsp_ray.model.modeling import build_blsp_from_parts
 
     torch.manual_seed(0)
     model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
@@ -40,7 +40,7 @@ def clips(speech_corpus):
 
 def test_vllm_prompt_embeds_match_blsp_generate(checkpoint, clips):
     from blsp_ray.engines import GenerationSettings
-    from blsp_ray.inference import SpeechGenerator
+    from blsp_ray.stages.generate import SpeechGenerator
 
     waves = [load_audio(c["audio"]) for c in clips]
     settings = GenerationSettings(max_new_tokens=12)
@@ -96,7 +96,7 @@ def test_async_vllm_streams_speech_embeds(checkpoint, clips):
     import asyncio
 
     from blsp_ray.engines import AsyncVllmEngine, GenerationSettings
-    from blsp_ray.inference import SpeechGenerator
+    from blsp_ray.stages.generate import SpeechGenerator
 
     settings = GenerationSettings(max_new_tokens=12)
     cfg = GenerateConfig(engine="transformers", batch_size=4)

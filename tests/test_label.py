@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.label import ROW_ID, Drop, run_label, stats_dir, summary_path
-from blsp_ray.layout import RunLayout
+from blsp_ray.stages.label import ROW_ID, Drop, run_label, stats_dir, summary_path
+from blsp_ray.io.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat while rain fell over quiet hills and the river ran past old stone walls".split()
@@ -103,7 +103,7 @@ def _logit_margin(model, prompt_ids: list[int], prefix: list[int]) -> float:
 def test_vllm_greedy_matches_transformers(labelled_both, tiny_assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from blsp_ray.prompts import continuation_prompt
+    from blsp_ray.model.prompts import continuation_prompt
 
     vllm_rows, hf_rows = read_labels(labelled_both["vllm"][0]), read_labels(labelled_both["transformers"][0])
     assert vllm_rows.keys() == hf_rows.keys()

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from blsp_ray.audio import load_audio
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import load_config
-from blsp_ray.modeling import (
+from blsp_ray.model.modeling import (
     BlspModel,
     blsp_config_for,
     build_blsp_from_parts,
@@ -17,8 +17,8 @@ from blsp_ray.modeling import (
     load_whisper_encoder,
     to_device,
 )
-from blsp_ray.processing import IGNORE, BlspProcessor
-from blsp_ray.storage import read_jsonl
+from blsp_ray.model.processing import IGNORE, BlspProcessor
+from blsp_ray.io.storage import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
@@ -72,7 +72,7 @@ def test_freeze_backbones_leaves_only_adapter_trainable(tiny_assets):
 def test_adapter_output_length_is_frames_over_subsampling(parts, frames):
     model, proc = parts
     torch.manual_seed(frames)
-    from blsp_ray.modeling import SpeechBatch
+    from blsp_ray.model.modeling import SpeechBatch
 
     feats = torch.randn(1, 80, frames)
     emb, lengths = model.speech_embeddings(SpeechBatch(feats, torch.tensor([frames])))

@@ -6,7 +6,7 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from blsp_ray.config import load_config
-from blsp_ray.pipeline import STAGES, Stage, StageFailed, run_pipeline
+from blsp_ray.stages.pipeline import STAGES, Stage, StageFailed, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

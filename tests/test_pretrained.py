@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, WhisperConfig
 
-from blsp_ray.audio import load_audio
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import PretrainedAssetsConfig, load_config
-from blsp_ray.modeling import build_blsp_from_parts, load_blsp, load_whisper_encoder
-from blsp_ray.pretrained import PackagedWeightsError, build_pretrained_assets, locate_packaged_file, read_ctranslate2
-from blsp_ray.processing import BlspProcessor
-from blsp_ray.speech import speak_wav
+from blsp_ray.model.modeling import build_blsp_from_parts, load_blsp, load_whisper_encoder
+from blsp_ray.demo.pretrained import PackagedWeightsError, build_pretrained_assets, locate_packaged_file, read_ctranslate2
+from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.demo.speech import speak_wav
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = load_config(REPO / "configs" / "mini.yaml").pretrained

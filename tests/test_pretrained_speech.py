@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 
 from blsp_ray.config import ConfigError, SpeechSynthConfig, config_from_dict, load_config
-from blsp_ray.corpus import load_sentences, make_sentences, sentence_words, within_vocabulary, wordnet_sentences
-from blsp_ray.speech import check_voices, plan_corpus, synthesize_corpus
-from blsp_ray.storage import read_jsonl
+from blsp_ray.demo.corpus import load_sentences, make_sentences, sentence_words, within_vocabulary, wordnet_sentences
+from blsp_ray.demo.speech import check_voices, plan_corpus, synthesize_corpus
+from blsp_ray.io.storage import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = load_config(REPO / "configs" / "mini.yaml")

@@ -53,7 +53,7 @@ def user(text: str | None = "Please transcribe the following audio.", audio: byt
 def checkpoint(tiny_assets, tmp_root):
     import torch
 
-    from blsp_ray.modeling import build_blsp_from_parts
+    from blsp_ray.model.modeling import build_blsp_from_parts
 
     out = tmp_root / "serve-ckpt"
     if not out.exists():
@@ -67,7 +67,7 @@ def checkpoint(tiny_assets, tmp_root):
 def app(ray_cluster, checkpoint, tiny_assets):
     from ray import serve
 
-    from blsp_ray.cluster import free_port
+    from blsp_ray.runtime import free_port
     from blsp_ray.config import config_from_dict
     from serve.app import APP_NAME, build_app
 

@@ -1,4 +1,4 @@
-"""The multi-turn chat prompt (blsp_ray.chat) and request validation (serve.schemas), without Ray."""
+"""The multi-turn chat prompt (blsp_ray.speech_lm) and request validation (serve.schemas), without Ray."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from blsp_ray.chat import BlspChat, ChatTurn, SamplingSettings
+from blsp_ray.speech_lm import BlspChat, ChatTurn, SamplingSettings
 from blsp_ray.config import ServeConfig
-from blsp_ray.modeling import build_blsp_from_parts
-from blsp_ray.processing import BlspProcessor
+from blsp_ray.model.modeling import build_blsp_from_parts
+from blsp_ray.model.processing import BlspProcessor
 from serve.schemas import ApiError, to_chat_request
 
 

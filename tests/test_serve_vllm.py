@@ -18,9 +18,9 @@ def vllm_app(ray_cluster, tiny_assets, tmp_root):
     import torch
     from ray import serve
 
-    from blsp_ray.cluster import free_port
+    from blsp_ray.runtime import free_port
     from blsp_ray.config import config_from_dict
-    from blsp_ray.modeling import build_blsp_from_parts
+    from blsp_ray.model.modeling import build_blsp_from_parts
     from serve.app import build_app
 
     ckpt = tmp_root / "serve-vllm-ckpt"
@@ -44,7 +44,7 @@ def vllm_app(ray_cluster, tiny_assets, tmp_root):
 def test_vllm_engine_completion_stream_and_parity(vllm_app):
     from openai import OpenAI
 
-    from blsp_ray.chat import BlspChat, SamplingSettings
+    from blsp_ray.speech_lm import BlspChat, SamplingSettings
     from blsp_ray.config import ServeConfig
     from serve.schemas import to_chat_request
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
-from blsp_ray.audio import load_audio
+from blsp_ray.model.audio import load_audio
 from blsp_ray.config import config_from_dict
-from blsp_ray.corpus import make_instructions
-from blsp_ray.layout import COMPLETE, RunLayout
-from blsp_ray.processing import BlspProcessor
-from blsp_ray.storage import read_jsonl, write_jsonl
+from blsp_ray.demo.corpus import make_instructions
+from blsp_ray.io.layout import COMPLETE, RunLayout
+from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.io.storage import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
@@ -116,8 +116,8 @@ def test_stage1_trains_lm_and_exports(jobs_run, tiny_assets):
 
 
 def test_stage2_trains_only_adapter(jobs_run, tiny_assets):
-    from blsp_ray.modeling import build_blsp_from_parts
-    from blsp_ray.train.tasks import FROZEN_DIGEST, frozen_digest
+    from blsp_ray.model.modeling import build_blsp_from_parts
+    from blsp_ray.stages.stage2 import FROZEN_DIGEST, frozen_digest
 
     _, layout, _ = jobs_run
     export = Path(layout.stage2_model)
@@ -140,7 +140,7 @@ def test_stage2_trains_only_adapter(jobs_run, tiny_assets):
 
 def test_stage2_checkpoint_gives_same_logits_in_another_process(jobs_run, tiny_assets, speech_corpus, tmp_path):
     """load_blsp(export) in a fresh process == the adapter in the DeepSpeed state training left."""
-    from blsp_ray.modeling import build_blsp_from_parts
+    from blsp_ray.model.modeling import build_blsp_from_parts
 
     _, layout, _ = jobs_run
     ckpts = sorted(p for p in Path(layout.stage("stage2"), "ray", "jobs").glob("checkpoint_*") if p.is_dir())
@@ -156,8 +156,8 @@ def test_stage2_checkpoint_gives_same_logits_in_another_process(jobs_run, tiny_a
     with torch.no_grad():
         expected = model(**batch).logits
     script = (
-        "import sys, torch; from blsp_ray.modeling import load_blsp; from blsp_ray.processing import BlspProcessor;"
-        "from blsp_ray.audio import load_audio; m = load_blsp(sys.argv[1]).eval();"
+        "import sys, torch; from blsp_ray.model.modeling import load_blsp; from blsp_ray.model.processing import BlspProcessor;"
+        "from blsp_ray.model.audio import load_audio; m = load_blsp(sys.argv[1]).eval();"
         "p = BlspProcessor.from_paths(sys.argv[2], sys.argv[3]);"
         f"b = p.collate_speech([p.speech_prompt({INSTRUCTION!r}, sys.argv[4])], [load_audio(sys.argv[5])]);"
         "torch.save(m(**b).logits.detach(), sys.argv[6])"
@@ -169,10 +169,12 @@ def test_stage2_checkpoint_gives_same_logits_in_another_process(jobs_run, tiny_a
 
 
 def _train(run_root, tiny_assets, run_id, stage, overrides, **kwargs):
-    from blsp_ray.train import run_training
+    from blsp_ray.stages.stage1 import Stage1Task
+    from blsp_ray.stages.stage2 import Stage2Task
+    from blsp_ray.train.loop import run_training
 
     cfg = config_from_dict(make_config(run_root, tiny_assets, run_id, **{stage: overrides}))
-    return cfg, run_training(cfg, stage, **kwargs)
+    return cfg, run_training(cfg, {"stage1": Stage1Task, "stage2": Stage2Task}[stage], **kwargs)
 
 
 @pytest.mark.parametrize(("zero_stage", "objective"), [(2, "ce+kl"), pytest.param(3, "ce", marks=pytest.mark.slow)])
@@ -182,7 +184,7 @@ def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage,
     metrics at every report; ZeRO 3 keeps the alignment on as an auxiliary loss, without a warm-up."""
     import shutil
 
-    from blsp_ray.train import run_training
+    from blsp_ray.train.loop import run_training
 
     _, layout, _ = jobs_run
     run_id = f"zero{zero_stage}"
@@ -195,7 +197,9 @@ def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage,
         stage2.update(alignment_weight=0.5)
     config = make_config(run_root, tiny_assets, run_id, stage2=stage2)
     config["generate"] = {"input_file": str(speech_corpus["heldout"])}  # the held-out clips eval_rows reads
-    result = run_training(config_from_dict(config), "stage2")
+    from blsp_ray.stages.stage2 import Stage2Task
+
+    result = run_training(config_from_dict(config), Stage2Task)
     steps = 6 if zero_stage == 2 else 4  # the alignment warm-up comes on top of max_steps
     assert result.metrics["step"] == steps and np.isfinite(result.metrics["loss"])
     if objective == "ce+kl":

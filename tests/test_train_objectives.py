@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from blsp_ray.audio import load_audio
-from blsp_ray.modeling import build_blsp_from_parts
-from blsp_ray.processing import IGNORE, BlspProcessor
-from blsp_ray.storage import read_jsonl
-from blsp_ray.train.objectives import response_kl, stage2_objective
-from blsp_ray.train.tasks import prepare_stage2, truncate_target
+from blsp_ray.model.audio import load_audio
+from blsp_ray.model.modeling import build_blsp_from_parts
+from blsp_ray.model.processing import IGNORE, BlspProcessor
+from blsp_ray.io.storage import read_jsonl
+from blsp_ray.model.losses import response_kl, stage2_objective
+from blsp_ray.stages.stage2 import prepare_stage2, truncate_target
 
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
 
@@ -97,7 +97,7 @@ def test_embedding_ctc_is_added_with_its_weight_and_trains_only_the_adapter(setu
 def test_embedding_ctc_is_low_when_speech_spells_the_transcript(setup):
     """Frames equal to the transcript's own token embeddings (scaled up: a confident match) score a
     lower CTC than the same frames shuffled in time."""
-    from blsp_ray.train.objectives import embedding_ctc
+    from blsp_ray.model.losses import embedding_ctc
 
     model, batch = setup
     ids, n = batch["transcript_ids"][:1], batch["transcript_lengths"][:1]
@@ -109,7 +109,7 @@ def test_embedding_ctc_is_low_when_speech_spells_the_transcript(setup):
 
 
 def test_spread_transcript_gives_each_token_a_share_of_the_clip_by_its_characters():
-    from blsp_ray.train.objectives import spread_transcript
+    from blsp_ray.model.losses import spread_transcript
 
     chars = torch.tensor([[1, 3, 1, 0], [2, 2, 0, 0]])  # [B, T], 0 past the transcript
     index = spread_transcript(chars, torch.tensor([10, 4]), 10)
@@ -118,8 +118,8 @@ def test_spread_transcript_gives_each_token_a_share_of_the_clip_by_its_character
 
 
 def test_token_alignment_is_lowest_when_speech_positions_are_the_spoken_tokens(setup, tiny_assets):
-    from blsp_ray.processing import token_char_counts
-    from blsp_ray.train.objectives import spread_transcript, token_alignment
+    from blsp_ray.model.processing import token_char_counts
+    from blsp_ray.model.losses import spread_transcript, token_alignment
 
     model, batch = setup
     proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.layout import COMPLETE, join
+from blsp_ray.io.layout import COMPLETE, join
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,11 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train
     import torch
 
-    from blsp_ray.modeling import to_device
+    from blsp_ray.model.modeling import to_device
     from blsp_ray.train.batching import bucketed_batches
     from blsp_ray.train.deepspeed_config import deepspeed_config, lr_schedule
-    from blsp_ray.train.tasks import TASKS
-
     cfg = BlspRayConfig.model_validate(loop["cfg"])
-    task = TASKS[loop["stage"]](cfg)
+    task = loop["task"](cfg)
     train = task.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -257,7 +255,7 @@ def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
     """Copy the checkpoint's HF export to ``target`` (local: one atomic rename; S3: objects, then a marker)."""
     import pyarrow.fs as pafs
 
-    from blsp_ray.storage import atomic_dir, filesystem, is_s3
+    from blsp_ray.io.storage import atomic_dir, filesystem, is_s3
 
     src_fs, src = checkpoint.filesystem, join(checkpoint.path, EXPORT_DIR)
     dst_fs, dst = filesystem(target, cfg.cluster.s3)
@@ -273,8 +271,8 @@ def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
     return target
 
 
-def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = None) -> TrainResult:
-    """Train ``stage`` ("stage1" | "stage2") on the connected Ray cluster and publish its export.
+def run_training(cfg: BlspRayConfig, task_cls, inject_failure: dict | None = None) -> TrainResult:
+    """Train the stage ``task_cls`` describes (a ``Task``) on the connected Ray cluster and publish its export.
 
     ``inject_failure`` ({"step", "rank", "marker"}) makes one worker raise once at that step:
     the fault-tolerance test's lost worker.
@@ -282,12 +280,11 @@ def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from blsp_ray.layout import RunLayout
-    from blsp_ray.storage import filesystem, is_s3
-    from blsp_ray.train.tasks import TASKS
-
+    from blsp_ray.io.layout import RunLayout
+    from blsp_ray.io.storage import filesystem, is_s3
     cfg = _absolute(cfg)
-    task = TASKS[stage](cfg)
+    task = task_cls(cfg)
+    stage = task.name
     train = task.train
     dataset = task.dataset()
     rows = dataset.count()
@@ -311,7 +308,7 @@ def run_training(cfg: BlspRayConfig, stage: str, inject_failure: dict | None = N
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "stage": stage,
+            "task": task_cls,  # pickled by reference: each worker builds it from the config
             "total_steps": total_steps,
             "max_epochs": max_epochs,
             "use_gpu": cfg.cluster.use_gpu,

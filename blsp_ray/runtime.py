@@ -131,7 +131,7 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
 
 def job_env(cfg) -> dict[str, str]:
     """Environment of every job and its workers: ``cluster.env_vars`` + the S3 endpoint of the config."""
-    from blsp_ray.storage import s3_env
+    from blsp_ray.io.storage import s3_env
 
     return {**cfg.cluster.env_vars, **s3_env(cfg.cluster.s3)}
 
@@ -142,7 +142,7 @@ def init_ray(cfg) -> None:
     local Ray on loopback for this process."""
     import ray
 
-    from blsp_ray.storage import s3_env
+    from blsp_ray.io.storage import s3_env
 
     if ray.is_initialized():
         return

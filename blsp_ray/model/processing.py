@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -9,14 +10,25 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from blsp_ray.audio import SAMPLE_RATE
-from blsp_ray.modeling import SpeechBatch
-from blsp_ray.prompts import speech_prompt_parts, text_prompt
+from blsp_ray.model.audio import SAMPLE_RATE
+from blsp_ray.model.modeling import SpeechBatch
+from blsp_ray.model.prompts import speech_prompt_parts, text_prompt
 
 IGNORE = -100
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+def as_ids(value) -> list[int]:
+    """A row's token ids (numpy array, list) as a list of ints."""
+    return [int(v) for v in value]
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local LM directory, loaded once per process."""
+    return AutoTokenizer.from_pretrained(path)
+
+
+def pad_ids(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     """Right-pad a list of id lists -> [B, max_len] long."""
     out = torch.full((len(seqs), max((len(s) for s in seqs), default=0)), value, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -92,11 +104,11 @@ class BlspProcessor:
         return {"input_ids": ids, "labels": labels}
 
     def collate_text(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        ids = _pad([e["input_ids"] for e in examples], self.pad_id)
+        ids = pad_ids([e["input_ids"] for e in examples], self.pad_id)
         return {
             "input_ids": ids,
-            "attention_mask": _pad([[1] * len(e["input_ids"]) for e in examples], 0),
-            "labels": _pad([e["labels"] for e in examples], IGNORE),
+            "attention_mask": pad_ids([[1] * len(e["input_ids"]) for e in examples], 0),
+            "labels": pad_ids([e["labels"] for e in examples], IGNORE),
         }
 
     # ---- speech -------------------------------------------------------------------------------
@@ -119,11 +131,11 @@ class BlspProcessor:
     def collate_speech(self, examples: Sequence[dict], waveforms: Sequence[np.ndarray] | None = None) -> dict:
         """Batch speech_prompt() outputs (+ waveforms) into BlspModel.forward/generate kwargs."""
         batch = {
-            "prefix_ids": _pad([e["prefix_ids"] for e in examples], self.pad_id),
-            "prefix_mask": _pad([[1] * len(e["prefix_ids"]) for e in examples], 0),
-            "suffix_ids": _pad([e["suffix_ids"] for e in examples], self.pad_id),
-            "suffix_mask": _pad([[1] * len(e["suffix_ids"]) for e in examples], 0),
-            "suffix_labels": _pad([e["suffix_labels"] for e in examples], IGNORE),
+            "prefix_ids": pad_ids([e["prefix_ids"] for e in examples], self.pad_id),
+            "prefix_mask": pad_ids([[1] * len(e["prefix_ids"]) for e in examples], 0),
+            "suffix_ids": pad_ids([e["suffix_ids"] for e in examples], self.pad_id),
+            "suffix_mask": pad_ids([[1] * len(e["suffix_ids"]) for e in examples], 0),
+            "suffix_labels": pad_ids([e["suffix_labels"] for e in examples], IGNORE),
         }
         if waveforms is not None:
             batch["speech"] = self.features(waveforms)

@@ -36,12 +36,13 @@ from pathlib import PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blsp_ray.cluster import init_ray
+from blsp_ray.runtime import init_ray
 from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
 from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool
-from blsp_ray.layout import RunLayout, join
-from blsp_ray.prompts import continuation_prompt
-from blsp_ray.storage import exists, list_dir, local_copy, open_input, open_output
+from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.model.prompts import continuation_prompt
+from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
+from blsp_ray.cli import job_parser, load_job_config
 
 log = logging.getLogger(__name__)
 
@@ -328,3 +329,16 @@ def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> 
     return {"rows_in": total["rows_in"], "labelled": total["labelled"], "dropped": dict(sorted(dropped.items())),
             "dropped_total": sum(dropped.values()), "tokens_generated": total["tokens_generated"],
             "shards_committed": total["shards_committed"]}
+
+
+# ---- entry point: jobs/label.py ----
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--manifest", action="append", default=[], help="ASR manifest jsonl (local or s3://); repeatable")
+    args = parser.parse_args()
+    cfg = load_job_config(args)
+    if args.manifest:
+        cfg.label.manifests = args.manifest
+    run_label(cfg)

@@ -17,32 +17,15 @@ import numpy as np
 import torch
 
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
-
-
-def text_metrics(hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str] = ("wer", "cer", "bleu", "chrf")) -> dict:
-    """Corpus-level scores: WER/CER as fractions (0 = perfect), BLEU/chrF on sacrebleu's 0-100 scale."""
-    import jiwer
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    hyps, refs = list(hypotheses), list(references)
-    out = {}
-    if "wer" in metrics:
-        out["wer"] = float(jiwer.wer(refs, hyps))
-    if "cer" in metrics:
-        out["cer"] = float(jiwer.cer(refs, hyps))
-    if "bleu" in metrics:
-        out["bleu"] = float(sacrebleu.corpus_bleu(hyps, [refs]).score)
-    if "chrf" in metrics:
-        out["chrf"] = float(sacrebleu.corpus_chrf(hyps, [refs]).score)
-    return out
+from blsp_ray.metrics import text_metrics
+from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.io.layout import RunLayout
 
 
 def mean_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean over positions of KL(softmax(teacher/T) || softmax(student/T)); logits [N, V]."""
-    from blsp_ray.train.objectives import response_kl
+    from blsp_ray.model.losses import response_kl
 
     return float(response_kl(student_logits, teacher_logits, temperature)) / temperature**2  # without the loss's T^2
 
@@ -93,15 +76,15 @@ def markdown_table(report: dict) -> str:
 
 def alignment_table(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> dict:
     """Held-out rows scored for the untrained adapter (a fresh init), the trained one, the trained one
-    fed another clip (shuffled), and the transcript itself (upper bound). See ``blsp_ray.alignment``."""
+    fed another clip (shuffled), and the transcript itself (upper bound). See ``blsp_ray.heldout``."""
     import copy
 
-    from blsp_ray.alignment import HeldoutSet
-    from blsp_ray.audio import load_audio
+    from blsp_ray.heldout import HeldoutSet
+    from blsp_ray.model.audio import load_audio
     from blsp_ray.engines import GenerationSettings
-    from blsp_ray.inference import SpeechGenerator, local_checkpoint
-    from blsp_ray.modeling import embedding_rms
-    from blsp_ray.train.tasks import AdapterModule
+    from blsp_ray.stages.generate import SpeechGenerator, local_checkpoint
+    from blsp_ray.model.modeling import embedding_rms
+    from blsp_ray.stages.stage2 import AdapterModule
 
     generator = SpeechGenerator(local_checkpoint(blsp_model, cfg.cluster.s3), cfg.generate.model_copy(update={"engine": "transformers"}))
     held = HeldoutSet(generator.model, generator.processor, rows, [load_audio(r["audio"]) for r in rows],
@@ -132,8 +115,8 @@ def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, ref
     """Score ``predictions_file`` (jsonl with ``hypothesis_field`` and ``reference_field``); with a
     BLSP checkpoint and ``alignment`` in the metrics, also behaviour alignment on rows with audio +
     ``text``. Writes ``report.json`` and ``report.md`` to ``output_dir``."""
-    from blsp_ray.layout import join
-    from blsp_ray.storage import open_output, read_jsonl
+    from blsp_ray.io.layout import join
+    from blsp_ray.io.storage import open_output, read_jsonl
 
     t0 = time.time()
     rows = read_jsonl(predictions_file, cfg.cluster.s3)
@@ -146,7 +129,7 @@ def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, ref
     if cfg.evaluate.table_rows and blsp_model:
         import ray
 
-        from blsp_ray.cluster import init_ray
+        from blsp_ray.runtime import init_ray
 
         init_ray(cfg)  # a task with its own resources (and torch threads), not the job's 0-CPU driver
         table_task = ray.remote(num_cpus=cfg.evaluate.table_cpus, num_gpus=cfg.evaluate.table_gpus)(alignment_table)
@@ -163,9 +146,9 @@ def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, ref
 
 def behaviour_alignment(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> dict:
     """Speech- vs transcript-conditioned continuations of the same LM (greedy), and token KL."""
-    from blsp_ray.audio import load_audio
+    from blsp_ray.model.audio import load_audio
     from blsp_ray.engines import GenerationSettings, TransformersEngine
-    from blsp_ray.inference import SpeechGenerator, local_checkpoint
+    from blsp_ray.stages.generate import SpeechGenerator, local_checkpoint
 
     if not rows:
         return {}
@@ -180,3 +163,19 @@ def behaviour_alignment(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -
         teacher, student = continuation_logits(generator.model, generator.processor, w, r["text"], ref)
         kls.append(mean_token_kl(teacher, student))
     return {**alignment_scores(speech_out, text_out, kls), "alignment_rows": len(rows)}
+
+
+# ---- entry point: jobs/evaluate.py ----
+
+
+def main() -> None:
+    p = job_parser(__doc__)
+    p.add_argument("--predictions", required=True, help="jsonl with the hypothesis and reference fields")
+    p.add_argument("--reference_field", default="reference")
+    p.add_argument("--hypothesis_field", default="response")
+    p.add_argument("--blsp_model", default=None, help="checkpoint for behaviour alignment (rows need audio + text)")
+    p.add_argument("--output_dir", default=None, help="default: the run's evaluate/ directory")
+    args = p.parse_args()
+    cfg = load_job_config(args)
+    run_evaluate(cfg, args.predictions, args.output_dir or RunLayout.of(cfg).evaluation, args.reference_field,
+                 args.hypothesis_field, args.blsp_model)

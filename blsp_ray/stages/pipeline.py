@@ -5,7 +5,7 @@ streams each job's logs, and stops at the first failed stage with its job id and
 With no Ray address configured it starts a local head on 127.0.0.1 and stops it at the end.
 
 The run dir (``cluster.storage_root/run_id``) is a local path or s3:// URI; markers and the run
-config (``<run dir>/config.yaml``, which every job reads) live there, through blsp_ray.storage.
+config (``<run dir>/config.yaml``, which every job reads) live there, through blsp_ray.io.storage.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from pathlib import Path
 import yaml
 
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.layout import COMPLETE, RunLayout, join
-from blsp_ray.storage import exists, is_s3, write_text
+from blsp_ray.io.layout import COMPLETE, RunLayout, join
+from blsp_ray.io.storage import exists, is_s3, write_text
+import signal
+import sys
+from blsp_ray.cli import job_parser, load_job_config
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
     """Run every stage not yet complete; returns the names of the stages run this time."""
     from ray.job_submission import JobSubmissionClient
 
-    from blsp_ray.cluster import job_env, start_local_cluster
+    from blsp_ray.runtime import job_env, start_local_cluster
 
     stages = [s for s in (stages or STAGES) if s.enabled(cfg)]
     root, s3 = run_dir(cfg), cfg.cluster.s3
@@ -155,3 +158,18 @@ def _run_stage(client, stage: Stage, config_path: str, args: list[str], env_vars
         logs = client.get_job_logs(job_id)
         raise StageFailed(f"stage {stage.name!r} {status.value} (job {job_id}); log tail:\n{logs[-3000:]}")
     print(f"[{stage.name}] done in {time.time() - t0:.1f}s", flush=True)
+
+
+# ---- entry point: jobs/pipeline.py ----
+
+
+def main() -> None:
+    cfg = load_job_config(job_parser(__doc__).parse_args())
+    # SIGTERM unwinds like Ctrl-C, so a local cluster started by the driver is stopped, not leaked.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        ran = run_pipeline(cfg)
+    except StageFailed as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(1)
+    print(f"pipeline complete; stages run now: {', '.join(ran) or 'none (all were complete)'}")

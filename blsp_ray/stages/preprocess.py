@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blsp_ray.audio import AudioError, check_duration, decode_audio, parse_audio_spec
-from blsp_ray.cluster import init_ray
+from blsp_ray.model.audio import AudioError, check_duration, decode_audio, parse_audio_spec
+from blsp_ray.runtime import init_ray
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.data.asr import probe
-from blsp_ray.data.common import DropReason, Summary, quiet_ray_data
-from blsp_ray.layout import RunLayout, join
-from blsp_ray.storage import (
+from blsp_ray.stages.prepare_asr import probe
+from blsp_ray.io.shards import DropReason, Summary, quiet_ray_data
+from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.io.storage import (
     exists,
     is_s3,
     list_dir,
@@ -43,6 +43,7 @@ from blsp_ray.storage import (
     open_output,
     write_text,
 )
+from blsp_ray.cli import job_parser, load_job_config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ SETTINGS_FILE = "_settings.json"
 def read_clip(spec: str, min_s: float, max_s: float, rate: int, converted: Counter | None = None) -> np.ndarray:
     """Decode ``path`` or ``path:start:frames`` to mono float32 at ``rate``, validated; raise AudioError.
 
-    Reasons beyond blsp_ray.audio's: ``truncated`` (header fine, data shorter than it declares or
+    Reasons beyond blsp_ray.model.audio's: ``truncated`` (header fine, data shorter than it declares or
     unreadable part-way). Over-long clips are refused from the header, before decoding.
     """
     path, start, frames = parse_audio_spec(spec)
@@ -235,7 +236,7 @@ class ShardProcessor:
     """Turns one shard spec into one parquet shard; loads the tokenizer once per worker."""
 
     def __init__(self, cfg: BlspRayConfig, settings: Settings, output: str):
-        from blsp_ray.processing import BlspProcessor
+        from blsp_ray.model.processing import BlspProcessor
 
         self.cfg, self.settings, self.output = cfg, settings, output
         self.processor = BlspProcessor.from_paths(cfg.model.lm_path, cfg.model.whisper_path)
@@ -373,3 +374,15 @@ def preprocess(cfg: BlspRayConfig, inputs: list[str] | None = None, output: str 
     extra = {"seconds_to_first_shard": first_shard_s if todo else None, "output": output, "inputs": files, "shards": len(shards), "shards_written": len(todo),
              "shards_skipped": len(shards) - len(todo), "seconds": round(time.time() - t0, 2)}
     return summary.report("preprocess", join(output, SUMMARY_FILE), extra, s3)
+
+
+# ---- entry point: jobs/preprocess.py ----
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--input", action="append", help="jsonl / parquet file or dir (default: data.preprocess_inputs, else the label shards)")
+    parser.add_argument("--output", help="shard directory (default: data.preprocess_output, else RunLayout.preprocessed)")
+    args = parser.parse_args()
+    cfg = load_job_config(args)
+    preprocess(cfg, args.input, args.output)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from blsp_ray.engines import GenerationSettings, TransformersEngine
-from blsp_ray.modeling import to_device
-from blsp_ray.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
-from blsp_ray.processing import transcript_token_ids
-from blsp_ray.train.objectives import continuation_forward, response_kl
+from blsp_ray.model.modeling import to_device
+from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
+from blsp_ray.model.processing import transcript_token_ids
+from blsp_ray.model.losses import continuation_forward, response_kl
 
 CONDITIONS = ("speech", "shuffled", "transcript")
 TRANSCRIBE_INSTRUCTION = "Please transcribe the following audio."
@@ -38,17 +38,6 @@ Adapter = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 def _pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[T_i, ...] tensors -> [B, T, ...] zero-padded and lengths [B]."""
     return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True), torch.tensor([r.shape[0] for r in rows])
-
-
-def word_recall(hypothesis: str, reference: str) -> float:
-    """Share of the reference's words (normalised, with multiplicity) that the hypothesis contains."""
-    from collections import Counter
-
-    from blsp_ray.data.text import normalize_english
-
-    ref, hyp = Counter(normalize_english(reference).split()), Counter(normalize_english(hypothesis).split())
-    total = sum(ref.values())
-    return sum(min(n, hyp[w]) for w, n in ref.items()) / total if total else 0.0
 
 
 class HeldoutSet:
@@ -130,8 +119,8 @@ class HeldoutSet:
 
     def scores(self, adapter: Adapter | None, condition: str) -> dict[str, float]:
         """Every metric of one table row."""
-        from blsp_ray.data.text import normalize_english
-        from blsp_ray.evaluation import text_metrics
+        from blsp_ray.text import normalize_english
+        from blsp_ray.metrics import text_metrics, word_recall
 
         row = self.teacher_forced(adapter, condition)
         continuations = self.greedy(adapter, condition, self.instruction)

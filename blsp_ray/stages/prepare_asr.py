@@ -16,13 +16,14 @@ from pathlib import Path
 
 import soundfile as sf
 
-from blsp_ray.audio import AudioError
-from blsp_ray.cluster import init_ray
+from blsp_ray.model.audio import AudioError
+from blsp_ray.runtime import init_ray
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.data.common import DropReason, Summary, quiet_ray_data
-from blsp_ray.data.text import gigaspeech_text, normalize_english
-from blsp_ray.layout import RunLayout, join
-from blsp_ray.storage import open_output
+from blsp_ray.io.shards import DropReason, Summary, quiet_ray_data
+from blsp_ray.text import gigaspeech_text, normalize_english
+from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.io.storage import open_output
+from blsp_ray.cli import job_parser, load_job_config
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +235,19 @@ def prepare_asr(cfg: BlspRayConfig, source: str, output: str | None = None) -> d
     summary_file = output.rsplit(".", 1)[0] + ".summary.json"
     return summary.report(f"prepare_asr[{source}]", summary_file, {"source": source, "output": output, "units": len(units)},
                           cfg.cluster.s3)
+
+
+# ---- entry point: jobs/prepare_asr.py ----
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--source", action="append", choices=SOURCES,
+                        help="source to prepare (repeatable; default: every source whose data.<source>_dir is set)")
+    args = parser.parse_args()
+    cfg = load_job_config(args)
+    sources = args.source or configured_sources(cfg)
+    if not sources:
+        raise SystemExit("no ASR source configured: set data.librispeech_dir / gigaspeech_dir / commonvoice_dir")
+    for source in sources:
+        prepare_asr(cfg, source)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 
 from blsp_ray.config import S3Config
-from blsp_ray.data.common import DropReason, Summary
-from blsp_ray.data.text import alpaca_instruction, strip_nonprintable
-from blsp_ray.storage import open_input, open_output
+from blsp_ray.io.shards import DropReason, Summary
+from blsp_ray.text import alpaca_instruction, strip_nonprintable
+from blsp_ray.io.storage import open_input, open_output
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.io.layout import RunLayout
 
 
 def summary_path(output: str) -> str:
@@ -49,3 +51,16 @@ def prepare_alpaca(alpaca_json: str, output: str, s3: S3Config | None = None) ->
         for row in alpaca_rows(records, summary):
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return summary.report("prepare_alpaca", summary_path(output), {"input": alpaca_json, "output": output}, s3)
+
+
+# ---- entry point: jobs/prepare_alpaca.py ----
+
+
+def main() -> None:
+    parser = job_parser(__doc__)
+    parser.add_argument("--output", help="jsonl to write (default: the run's stage-1 data)")
+    args = parser.parse_args()
+    cfg = load_job_config(args)
+    if not cfg.data.alpaca_json:
+        raise SystemExit("config has no data.alpaca_json: nothing to prepare")
+    prepare_alpaca(cfg.data.alpaca_json, args.output or RunLayout.of(cfg).stage1_data, cfg.cluster.s3)

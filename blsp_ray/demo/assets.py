@@ -16,9 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from blsp_ray.config import TinyAssetsConfig
-from blsp_ray.corpus import make_instructions, make_sentences
-from blsp_ray.prompts import CONTINUATION_INSTRUCTION, text_prompt
-from blsp_ray.storage import atomic_dir
+from blsp_ray.demo.corpus import make_instructions, make_sentences
+from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, text_prompt
+from blsp_ray.io.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]

@@ -1,4 +1,4 @@
-"""What the data jobs share: drop reasons and summaries, Ray Data settings. Files go through blsp_ray.storage."""
+"""What the data jobs share: drop reasons and summaries, Ray Data settings. Files go through blsp_ray.io.storage."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from blsp_ray.config import S3Config
-from blsp_ray.storage import write_text
+from blsp_ray.io.storage import write_text
 
 log = logging.getLogger(__name__)
 
 
 class DropReason:
-    """Stable codes for dropped rows (audio codes come from blsp_ray.audio.AudioError.reason)."""
+    """Stable codes for dropped rows (audio codes come from blsp_ray.model.audio.AudioError.reason)."""
 
     BAD_ROW = "bad_row"  # a manifest line that is not a JSON object / lacks a required key
     BAD_UTF8 = "bad_utf8"  # transcript or line that is not valid UTF-8
@@ -22,7 +22,7 @@ class DropReason:
     NO_TARGET = "no_target"  # labelled row without the target column (or empty)
     TARGET_TOO_LONG = "target_too_long"
     TRUNCATED = "truncated"  # header readable, audio data shorter than declared / unreadable
-    # from blsp_ray.audio: missing_file, undecodable, empty, non_finite, too_short, too_long
+    # from blsp_ray.model.audio: missing_file, undecodable, empty, non_finite, too_short, too_long
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from blsp_ray.config import PretrainedAssetsConfig
-from blsp_ray.storage import atomic_dir
+from blsp_ray.io.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 SOURCE_FILE = "SOURCE.json"
@@ -306,7 +306,7 @@ def build_pretrained_assets(cfg: PretrainedAssetsConfig) -> Path:
     import transformers
 
     dtype = getattr(torch, cfg.dtype)
-    tool = {"converted_by": "blsp_ray.pretrained", "transformers": transformers.__version__}
+    tool = {"converted_by": "blsp_ray.demo.pretrained", "transformers": transformers.__version__}
     started = time.perf_counter()
     gguf_path, lm_source = locate_packaged_file(cfg.lm_package, cfg.lm_file, cfg.lm_sha256)
     convert_gguf_lm(gguf_path, out / "lm", dtype, {**lm_source, "requirement": cfg.lm_package, **tool})

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blsp_ray.audio import AudioError, load_audio
+from blsp_ray.model.audio import AudioError, load_audio
 from blsp_ray.config import BlspRayConfig, EngineConfig, S3Config
 from blsp_ray.engines import (
     Generation,
@@ -32,8 +32,11 @@ from blsp_ray.engines import (
     VllmEngine,
     engine_pool,
 )
-from blsp_ray.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, load_blsp
-from blsp_ray.processing import BlspProcessor, log_mel
+from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, load_blsp
+from blsp_ray.model.processing import BlspProcessor, log_mel
+import argparse
+from blsp_ray.cli import load_job_config
+from blsp_ray.config import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
     """
     import hashlib
 
-    from blsp_ray.storage import cache_dir, is_s3, local_copy, model_cache
+    from blsp_ray.io.storage import cache_dir, is_s3, local_copy, model_cache
 
     path = Path(local_copy(uri, s3))
     meta_file = path / ADAPTER_CONFIG
@@ -227,7 +230,7 @@ class SpeechGenerationActor:
 
 
 def read_rows(input_file: str, s3: S3Config | None = None) -> list[dict]:
-    from blsp_ray.storage import open_input
+    from blsp_ray.io.storage import open_input
 
     with open_input(input_file, s3) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace").read().splitlines()
@@ -238,12 +241,12 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     """Generate a response for every row of ``input_file``; write ``output_file`` in input order."""
     import ray
 
-    from blsp_ray.cluster import init_ray
-    from blsp_ray.storage import open_output
+    from blsp_ray.runtime import init_ray
+    from blsp_ray.io.storage import open_output
 
     t0 = time.time()
     gc, s3 = cfg.generate, cfg.cluster.s3
-    from blsp_ray.storage import is_s3
+    from blsp_ray.io.storage import is_s3
 
     blsp_model = blsp_model if is_s3(blsp_model) else str(Path(blsp_model).resolve())  # actors run elsewhere
     meta = Path(local_checkpoint(blsp_model, s3)) / ADAPTER_CONFIG  # the driver's copy: audio settings
@@ -282,3 +285,34 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     print(f"[generate] {summary['ok']} responses, {n_err} errors, {summary['rows_per_s']} rows/s ({gc.engine}) -> {output_file}",
           flush=True)
     return summary
+
+
+# ---- entry point: jobs/generate.py ----
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (cluster, generate section); default: local CPU settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--input_file", required=True, help="jsonl rows {\"audio\": path, ...} (local or s3://)")
+    p.add_argument("--output_file", required=True)
+    p.add_argument("--blsp_model", required=True, help="BLSP checkpoint directory (adapter-only or full; local or s3://)")
+    p.add_argument("--instruction", default=None)
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--engine", choices=["vllm", "transformers"], default=None)
+    args = p.parse_args()
+    if args.config:
+        cfg = load_job_config(args)
+    else:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = config_from_dict({"model": {"lm_path": "", "whisper_path": ""}})  # paths come from --blsp_model
+    for key in ("instruction", "max_new_tokens", "temperature", "top_p", "batch_size", "engine"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg.generate, key, value)
+    run_generate(cfg, args.input_file, args.output_file, args.blsp_model)

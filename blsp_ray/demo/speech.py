@@ -19,10 +19,10 @@ from pathlib import Path
 
 import soundfile as sf
 
-from blsp_ray.audio import SAMPLE_RATE, AudioError, decode_audio
+from blsp_ray.model.audio import SAMPLE_RATE, AudioError, decode_audio
 from blsp_ray.config import SpeechSynthConfig, parse_voice
-from blsp_ray.corpus import load_sentences
-from blsp_ray.storage import atomic_file, write_jsonl
+from blsp_ray.demo.corpus import load_sentences
+from blsp_ray.io.storage import atomic_file, write_jsonl
 
 log = logging.getLogger(__name__)
 FLITE_NORMAL_WPM = 175  # flite's duration_stretch 1.0, taken as espeak-ng's default rate

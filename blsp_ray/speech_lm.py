@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from blsp_ray.modeling import ADAPTER_CONFIG, BlspModel, load_blsp
-from blsp_ray.processing import IGNORE, BlspProcessor
-from blsp_ray.prompts import chat_turn_parts
+from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, load_blsp
+from blsp_ray.model.processing import IGNORE, BlspProcessor
+from blsp_ray.model.prompts import chat_turn_parts
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blsp_ray.modeling import length_mask
-from blsp_ray.processing import IGNORE
+from blsp_ray.model.modeling import length_mask
+from blsp_ray.model.processing import IGNORE
 
 
 def response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

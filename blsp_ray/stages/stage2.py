@@ -1,4 +1,4 @@
-"""What differs between stage 1 and stage 2: model, data and trainable parameters. The loop is shared.
+"""Stage 2: only the speech adapter trains (Whisper encoder and LM frozen); the loop is ``blsp_ray.train``'s.
 
 A task is built on the driver (datasets) and again inside each Ray Train worker (model, loss,
 export) from the same config, so nothing heavy is pickled.
@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from blsp_ray.config import BlspRayConfig, TrainConfig
-from blsp_ray.layout import RunLayout
-from blsp_ray.processing import IGNORE, BlspProcessor, token_char_counts, transcript_token_ids
-from blsp_ray.storage import exists, is_s3, local_copy
+from blsp_ray.io.layout import RunLayout
+from blsp_ray.model.processing import IGNORE, BlspProcessor, as_ids, load_tokenizer, pad_ids, token_char_counts, transcript_token_ids
+from blsp_ray.io.storage import exists, is_s3, local_copy
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.runtime import init_ray
+from blsp_ray.train.loop import TrainResult, run_training
 
 log = logging.getLogger(__name__)
 FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
@@ -30,125 +33,8 @@ def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False) 
     return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(lm_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(local_copy(lm_path))
 
 
-def _as_list(value) -> list[int]:
-    return [int(v) for v in value]
-
-
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
-
-
-# ---- stage 1 -------------------------------------------------------------------------------------
-
-
-def tokenize_stage1(batch: dict, lm_path: str, max_tokens: int) -> dict:
-    """Ray Data map: {"instruction","output"} rows -> input_ids, labels, length (bad rows dropped, counted)."""
-    tokenizer = _tokenizer(lm_path)
-    processor = BlspProcessor(tokenizer, feature_extractor=None)
-    ids, labels, lengths = [], [], []
-    dropped = 0
-    for instruction, output in zip(batch["instruction"], batch["output"]):
-        if not isinstance(instruction, str) or not isinstance(output, str) or not instruction.strip() or not output.strip():
-            dropped += 1
-            continue
-        ex = processor.text_example(instruction, output, max_tokens)
-        if not any(l != IGNORE for l in ex["labels"]):  # prompt alone fills max_tokens: nothing to learn
-            dropped += 1
-            continue
-        ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
-        labels.append(np.asarray(ex["labels"], dtype=np.int64))
-        lengths.append(len(ex["input_ids"]))
-    if dropped:
-        log.warning("stage 1: dropped %d of %d rows (empty instruction/output or prompt over %d tokens)",
-                    dropped, len(batch["instruction"]), max_tokens)
-    return {"input_ids": ids, "labels": labels, "length": np.asarray(lengths, dtype=np.int64)}
-
-
-class Stage1Task:
-    """Full fine-tuning of the LM on instruction data; loss only on the response."""
-
-    name = "stage1"
-
-    def __init__(self, cfg: BlspRayConfig):
-        self.cfg = cfg
-        self.layout = RunLayout.of(cfg)
-
-    @property
-    def train(self) -> TrainConfig:
-        return self.cfg.stage1
-
-    @property
-    def export_target(self) -> str:
-        return self.layout.stage1_model
-
-    phase_starts = [0]  # one learning-rate phase
-
-    def dataset(self):
-        import ray.data
-
-        path = self.layout.stage1_data
-        ds = ray.data.read_json(path, lines=True)
-        return ds.map_batches(
-            tokenize_stage1,
-            fn_kwargs={"lm_path": self.cfg.model.lm_path, "max_tokens": self.cfg.data.max_stage1_tokens},
-            batch_format="numpy",
-            batch_size=256,
-        )
-
-    # -- worker side --
-
-    def build(self, dtype: torch.dtype) -> nn.Module:
-        from transformers import LlamaForCausalLM
-
-        self.lm = LlamaForCausalLM.from_pretrained(self.cfg.model.lm_path, dtype=dtype)
-        self.lm.train()
-        return self.lm
-
-    def collate(self, rows: list[dict]) -> dict:
-        pad_id = _tokenizer(self.cfg.model.lm_path).pad_token_id
-        ids = [_as_list(r["input_ids"]) for r in rows]
-        return {
-            "input_ids": _pad(ids, pad_id),
-            "attention_mask": _pad([[1] * len(i) for i in ids], 0),
-            "labels": _pad([_as_list(r["labels"]) for r in rows], IGNORE),
-        }
-
-    def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": engine(**batch).loss}
-
-    @staticmethod
-    def count_tokens(batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
-
-    def export(self, engine, out_dir: Path, rank: int) -> None:
-        """Hugging Face LM dir (weights + tokenizer); collective under ZeRO-3."""
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
-        if rank != 0:
-            return
-        if state is not None:
-            self.lm.save_pretrained(out_dir, state_dict=state)
-        else:
-            self.lm.save_pretrained(out_dir)
-        _tokenizer(self.cfg.model.lm_path).save_pretrained(out_dir)
-
-    def load_export(self, hf_dir: Path) -> None:
-        """Weights from a previous export (resuming on a different number of workers)."""
-        from transformers import LlamaForCausalLM
-
-        self.lm.load_state_dict(LlamaForCausalLM.from_pretrained(hf_dir, dtype=self.lm.dtype).state_dict())
-
-
-# ---- stage 2 -------------------------------------------------------------------------------------
 
 
 def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +58,7 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
     speech = np.asarray([len(w) // hop // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
     out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], out["suffix_ids"])])
     if with_transcripts:
-        tokenizer = _tokenizer(lm_path)
+        tokenizer = load_tokenizer(local_copy(lm_path))
         out["transcript_ids"] = [np.asarray(transcript_token_ids(tokenizer, t), dtype=np.int64) for t in batch["text"]]
     return out
 
@@ -181,7 +67,7 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
 def _whisper(whisper_path: str, dtype: str):
     from transformers import WhisperFeatureExtractor
 
-    from blsp_ray.modeling import load_whisper_encoder
+    from blsp_ray.model.modeling import load_whisper_encoder
 
     return load_whisper_encoder(whisper_path, getattr(torch, dtype)).eval(), WhisperFeatureExtractor.from_pretrained(whisper_path)
 
@@ -195,8 +81,8 @@ def encoder_outputs(batch: dict, whisper_path: str, pad_audio_to_30s: bool, dtyp
     the object store (Ray spills the rest to disk), e.g. BLSP-mini; off for corpus-scale runs.
     A task, not an actor pool: idle actors would hold the CPUs the read tasks need.
     """
-    from blsp_ray.modeling import whisper_encode
-    from blsp_ray.processing import log_mel
+    from blsp_ray.model.modeling import whisper_encode
+    from blsp_ray.model.processing import log_mel
 
     encoder, feature_extractor = _whisper(whisper_path, dtype)  # once per Ray worker process
     waves = [np.asarray(w, dtype=np.float32) for w in batch["waveform"]]
@@ -221,7 +107,7 @@ class AdapterModule(nn.Module):
         self.speech_ln = blsp.speech_ln
 
     def forward(self, encoder_hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from blsp_ray.modeling import BlspModel
+        from blsp_ray.model.modeling import BlspModel
 
         return BlspModel.adapt(self, encoder_hidden, lengths)  # same attribute names as BlspModel
 
@@ -296,7 +182,7 @@ class Stage2Task:
     def build(self, dtype: torch.dtype) -> nn.Module:
         from deepspeed.accelerator import get_accelerator
 
-        from blsp_ray.modeling import build_blsp
+        from blsp_ray.model.modeling import build_blsp
 
         settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
         self.blsp = build_blsp(settings)
@@ -313,8 +199,8 @@ class Stage2Task:
 
     def collate(self, rows: list[dict]) -> dict:
         examples = [
-            {"prefix_ids": _as_list(r["prefix_ids"]), "suffix_ids": _as_list(r["suffix_ids"]),
-             "suffix_labels": _as_list(r["suffix_labels"])}
+            {"prefix_ids": as_ids(r["prefix_ids"]), "suffix_ids": as_ids(r["suffix_ids"]),
+             "suffix_labels": as_ids(r["suffix_labels"])}
             for r in rows
         ]
         if "encoder_hidden" in rows[0]:  # cached encoder outputs (encoder_outputs)
@@ -325,13 +211,13 @@ class Stage2Task:
         else:
             batch = self.processor.collate_speech(examples, [np.asarray(r["waveform"], dtype=np.float32) for r in rows])
         if self.needs_transcripts:
-            ids = [_as_list(r["transcript_ids"]) or [self.processor.pad_id] for r in rows]
-            batch["transcript_ids"] = _pad(ids, self.processor.pad_id)
+            ids = [as_ids(r["transcript_ids"]) or [self.processor.pad_id] for r in rows]
+            batch["transcript_ids"] = pad_ids(ids, self.processor.pad_id)
             batch["transcript_lengths"] = torch.tensor([len(i) for i in ids])
         return batch
 
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
-        from blsp_ray.train.objectives import stage2_objective
+        from blsp_ray.model.losses import stage2_objective
 
         if "encoder_hidden" in batch:
             hidden, lengths = batch["encoder_hidden"], batch["encoder_lengths"]
@@ -351,8 +237,8 @@ class Stage2Task:
         return parts
 
     def _token_alignment(self, batch: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> torch.Tensor:
-        from blsp_ray.modeling import length_mask
-        from blsp_ray.train.objectives import token_alignment
+        from blsp_ray.model.modeling import length_mask
+        from blsp_ray.model.losses import token_alignment
 
         ids, n = batch["transcript_ids"], batch["transcript_lengths"]
         chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
@@ -367,10 +253,10 @@ class Stage2Task:
         if not self.train.eval_rows or engine.zero_optimization_stage() == 3:  # ZeRO-3 gathers are collective
             return {}
         if getattr(self, "_heldout", None) is None:
-            from blsp_ray.alignment import HeldoutSet
-            from blsp_ray.audio import load_audio
+            from blsp_ray.heldout import HeldoutSet
+            from blsp_ray.model.audio import load_audio
             from blsp_ray.engines import GenerationSettings
-            from blsp_ray.storage import read_jsonl
+            from blsp_ray.io.storage import read_jsonl
 
             rows = [r for r in read_jsonl(self.cfg.heldout_manifest()) if r.get("audio") and r.get("text")][: self.train.eval_rows]
             self._heldout = HeldoutSet(self.blsp, self.processor, rows, [load_audio(r["audio"]) for r in rows],
@@ -399,12 +285,9 @@ class Stage2Task:
     def load_export(self, hf_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        from blsp_ray.modeling import ADAPTER_WEIGHTS
+        from blsp_ray.model.modeling import ADAPTER_WEIGHTS
 
         self.blsp.load_state_dict(load_file(Path(hf_dir) / ADAPTER_WEIGHTS), strict=False)
-
-
-TASKS = {"stage1": Stage1Task, "stage2": Stage2Task}
 
 
 def frozen_digest(blsp) -> dict[str, str]:
@@ -419,3 +302,18 @@ def frozen_digest(blsp) -> dict[str, str]:
             h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
         out[name] = h.hexdigest()
     return out
+
+
+# ---- entry point: jobs/stage2.py ----
+
+
+def run(cfg: BlspRayConfig) -> TrainResult:
+    """Train on the connected (or a local) Ray cluster; the export goes to the run's ``stage2/model``."""
+    init_ray(cfg)
+    return run_training(cfg, Stage2Task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_job_config(job_parser(__doc__).parse_args(argv))
+    result = run(cfg)
+    print(f"stage2 exported to {result.export_dir}; final metrics {result.metrics}")
