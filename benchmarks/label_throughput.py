@@ -1,5 +1,5 @@
 """Labelling throughput, one run, same model and prompts: bare vLLM vs the Ray Data + vLLM job vs
-the transformers engine (the seed's batched ``generate``, batches of 8 with left padding).
+the transformers engine (the original release's batched ``generate``, batches of 8 with left padding).
 
     .venv/bin/python benchmarks/label_throughput.py [--config configs/tiny.yaml] [--rows 128]
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--job-batch-size", type=int, default=32, help="rows per map_batches call into the vLLM actor")
-    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers batch (the seed's 8)")
+    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers batch (the original release's 8)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="label-bench-"))
@@ -97,7 +97,7 @@ def main() -> None:
         ray.shutdown()
         cluster.stop()
 
-    # 3. transformers engine, the seed's batches of 8
+    # 3. transformers engine, the original release's batches of 8
     t = time.time()
     hf = TransformersEngine.from_path(lm, label.model_copy(update={"engine": "transformers", "batch_size": args.hf_batch_size}), settings)
     start = time.time() - t

@@ -59,7 +59,8 @@ def cfg_for(assets: Path, rows_per_shard: int, address: str | None = None):
 
 
 def _baseline(assets: str, manifest: str, out: str, rows_per_shard: int, q) -> None:
-    from blsp_ray.stages.preprocess import Settings, ShardProcessor, plan_shards
+    from blsp_ray.io.shards import plan_shards
+    from blsp_ray.stages.preprocess import Settings, ShardProcessor
 
     t0 = time.perf_counter()
     cfg = cfg_for(Path(assets), rows_per_shard)

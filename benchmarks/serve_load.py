@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from blsp_ray.runtime import free_port, start_local_cluster  # noqa: E402  (sets loopback env before ray)
+from blsp_ray.runtime import free_port, loopback_env, start_local_cluster  # noqa: E402  (after sys.path)
 
 for key, value in {
     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -88,6 +88,7 @@ def measure(url: str, concurrency: int, n: int, max_tokens: int, audio: str) -> 
 
 
 def main() -> None:
+    loopback_env()  # this process drives a local cluster on 127.0.0.1
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="run config (default: tiny random-weight assets built here)")
     parser.add_argument("--checkpoint", help="BLSP checkpoint (default: an untrained adapter on the tiny assets)")

@@ -70,7 +70,7 @@ def run(settings, pad_to_30s: bool, examples, wavs, steps: int, lr: float, cache
             batch = processor.collate_speech(examples, wavs)  # feature extraction is part of the step
             with torch.no_grad():
                 hidden, lengths = model.encode_speech(batch["speech"])
-        embeds, lengths = model.adapt(hidden, lengths)
+        embeds, lengths = model.speech_adapter(hidden, lengths)
         if pad_to_30s:  # the original's loss: logits over the whole sequence
             loss = model(**{k: batch[k] for k in PROMPT_KEYS}, speech_embeds=embeds, speech_lengths=lengths).loss
         else:  # ours: the trainer's objective (logits only at the continuation)

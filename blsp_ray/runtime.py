@@ -1,8 +1,10 @@
-"""A local Ray cluster on 127.0.0.1 (the embedded default and the tests), started and stopped cleanly.
+"""Connecting to Ray: a local cluster on 127.0.0.1 (the embedded default and the tests), started and
+stopped cleanly, and ``init_ray`` for a job's driver.
 
 ``ray start --head`` with every port chosen free and every listener on loopback, so several
 clusters can live on one machine and none is reachable from outside. ``stop()`` ends only this
-cluster's processes (``ray stop`` would end every cluster on the machine).
+cluster's processes (``ray stop`` would end every cluster on the machine). A process that drives
+such a cluster itself (``ray.init`` on its address) calls ``loopback_env()`` first.
 """
 
 from __future__ import annotations
@@ -19,27 +21,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import ray
+
+from blsp_ray.io.storage import s3_env
 
 log = logging.getLogger(__name__)
 
-# Without this Ray advertises the machine's non-loopback address even with --node-ip-address,
-# and rewrites 127.0.0.1 to it when connecting. Ray reads it when first imported, so it is set
-# here, at import, and this module must be imported before ray by drivers of a local cluster.
-# RAY_AUTH_MODE: once any local ray.init() has written ~/.ray/auth_token, `ray start` turns token
-# auth on by itself while drivers given an explicit address do not send the token; the cluster
-# listens on loopback only, so auth stays off and both sides agree.
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray advertises the machine's non-loopback address
+# even with --node-ip-address, and rewrites 127.0.0.1 to it when connecting (a driver then waits
+# for a raylet that is not there). RAY_AUTH_MODE: once any local ray.init() has written
+# ~/.ray/auth_token, `ray start` turns token auth on by itself while drivers given an explicit
+# address do not send the token; the cluster listens on loopback only, so auth stays off and both
+# sides agree. Never set on a real cluster's nodes: they must advertise their own addresses.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-os.environ.update(LOOPBACK_ENV)
 
 
-# `ray start` for a node joining a loopback cluster. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray
-# refuses to start a joining node at all; with =1 it rewrites the head's 127.0.0.1 to the machine's
-# own address, where nothing listens. So the joining node gets =1 with loopback addresses kept.
-_JOIN_ON_LOOPBACK = (
-    "import sys; import ray._private.services as services; "
-    "services.resolve_ip_for_localhost = lambda host: host; "
-    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
-)
+def loopback_env() -> None:
+    """Make this process a driver of a loopback cluster: ``LOOPBACK_ENV`` in its environment.
+
+    Ray reads it once, when first imported, so a process that has imported Ray already is started
+    again with it (same command line, same pid). Entry points call it first in ``main()``, before
+    doing anything, and only when they drive a local cluster.
+    """
+    if all(os.environ.get(k) == v for k, v in LOOPBACK_ENV.items()):
+        return
+    os.environ.update(LOOPBACK_ENV)
+    if "ray" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def free_port() -> int:
@@ -56,18 +66,7 @@ def _ray_cli() -> str:
 class LocalRayCluster:
     address: str  # GCS address, for ray.init / ray start --address
     dashboard_url: str  # also the job-submission API
-    temp_dir: Path
-
-    def add_node(self, num_cpus: int, resources: str | None = None) -> None:
-        """Join another raylet (same machine, its own resources): a node joining mid-job."""
-        # A joining node takes the head's temp dir, so stop() finds its processes too.
-        cmd = [
-            sys.executable, "-c", _JOIN_ON_LOOPBACK, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}",
-        ]
-        if resources:
-            cmd.append(f"--resources={resources}")
-        _run(cmd, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+    temp_dir: Path  # every process of the cluster has it on its command line (nodes that join take it too)
 
     def stop(self) -> None:
         """End this cluster's processes (and their children) and remove its files."""
@@ -98,8 +97,8 @@ class LocalRayCluster:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(cmd: list[str], extra_env: dict[str, str] | None = None, timeout_s: float = 180) -> None:
-    env = {**os.environ, **LOOPBACK_ENV, **(extra_env or {})}
+def _run(cmd: list[str], timeout_s: float = 180) -> None:
+    env = {**os.environ, **LOOPBACK_ENV}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
@@ -131,19 +130,13 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
 
 def job_env(cfg) -> dict[str, str]:
     """Environment of every job and its workers: ``cluster.env_vars`` + the S3 endpoint of the config."""
-    from blsp_ray.io.storage import s3_env
-
     return {**cfg.cluster.env_vars, **s3_env(cfg.cluster.s3)}
 
 
 def init_ray(cfg) -> None:
     """Connect this driver to its cluster: inside ``ray job submit`` the job's own (RAY_ADDRESS, whose
     runtime env the job already carries), else ``cluster.address`` with ``job_env``; with neither, a
-    local Ray on loopback for this process."""
-    import ray
-
-    from blsp_ray.io.storage import s3_env
-
+    local Ray for this process."""
     if ray.is_initialized():
         return
     # This process reads s3:// too (Ray Data plans its reads here).
@@ -156,4 +149,4 @@ def init_ray(cfg) -> None:
         address = "auto" if cfg.cluster.address.startswith("http") else cfg.cluster.address
         ray.init(address=address, runtime_env={"env_vars": job_env(cfg)})
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False)

@@ -1,26 +1,43 @@
-"""Multi-turn speech chat on a BLSP model: turns -> one embedded prompt -> a streamed reply.
+"""The one wrapper around a BLSP model and its LM engine: checkpoint -> clips or chat turns ->
+prompt embeddings -> generation. Batch generation, the chat service and tests use it.
 
-A conversation is a list of turns (instruction text, optional speech, the assistant's reply for
-past turns), laid out as the seed's chat demo does (``prompts.chat_turn_parts``). The turns are
-spliced with ``BlspModel.splice`` as one right-padded batch (one row per turn) and the real
-positions of the rows, in order, are the prompt embeddings [L, hidden] that any engine takes
-(transformers ``inputs_embeds``, vLLM ``prompt_embeds``).
+Prompt embeddings are LM-space rows [L, hidden] that every engine takes (transformers
+``inputs_embeds``, vLLM ``prompt_embeds``):
+
+* clips: stage 2's [prefix | speech | suffix] prompt per clip (``speech_prompt_embeds``);
+* a conversation: turns (instruction text, optional speech, the assistant's reply for past turns)
+  laid out as the original release's chat demo does (``prompts.chat_turn_parts``), spliced with
+  ``BlspModel.splice`` as one right-padded batch (one row per turn); the real positions of the
+  rows, in order, are the conversation (``prompt_embeds``).
+
+Whisper + adapter always run here, in this process; the LM generates through ``engine``: a
+``TransformersEngine`` on the model's own LM, a ``VllmEngine`` (batch) or an ``AsyncVllmEngine``
+(serving), the last two on the checkpoint's LM directory.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import AutoTokenizer
 
-from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, load_blsp
+from blsp_ray.config import BatchEngineConfig, EngineConfig
+from blsp_ray.engines import (
+    AsyncVllmEngine,
+    Generation,
+    GenerationSettings,
+    TextEngine,
+    TextStream,
+    TransformersEngine,
+    VllmEngine,
+)
+from blsp_ray.model.modeling import BlspModel, SpeechBatch, adapter_metadata, checkpoint_bases, load_blsp
 from blsp_ray.model.processing import IGNORE, BlspProcessor
 from blsp_ray.model.prompts import chat_turn_parts
 
@@ -32,71 +49,95 @@ class ChatTurn:
     reply: str | None = None  # the assistant's answer; None for the turn being answered
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy, as the seed
-    top_p: float = 1.0
-    seed: int | None = None
+def standalone_lm_dir(checkpoint: str | os.PathLike, model: BlspModel) -> str:
+    """A Hugging Face directory holding the checkpoint's LM alone (+ tokenizer), as vLLM loads it."""
+    meta = adapter_metadata(checkpoint)
+    if meta is not None:
+        return meta["lm_path"]
+    # A full BLSP checkpoint stores the LM under its own prefix: write it out once.
+    out = tempfile.mkdtemp(prefix="blsp-lm-")
+    model.llama_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    return out
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops generation when the caller gives up (client gone, timeout)."""
+class SpeechLM:
+    """A BLSP model + processor + the engine its LM generates with.
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    ``generate(waveforms, instructions)`` / ``generate_features(...)`` take a batch of clips and
+    return one ``Generation`` per clip, in order; ``prompt_embeds(turns, header)`` + ``stream(...)``
+    answer a conversation (transformers engine), and ``engine.stream`` does on ``AsyncVllmEngine``.
+    """
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class ChatStream:
-    """Text deltas of one reply; ``completion_tokens`` and ``finish_reason`` are set once exhausted."""
-
-    def __init__(self, deltas: Iterator[str], prompt_tokens: int):
-        self._deltas = deltas
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-
-    def __iter__(self) -> ChatStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._deltas)
-
-
-def checkpoint_bases(path: str | os.PathLike) -> tuple[str, str]:
-    """(LM dir, Whisper dir) holding the tokenizer and feature extractor of a BLSP checkpoint."""
-    path = Path(path)
-    if (path / ADAPTER_CONFIG).exists():
-        meta = json.loads((path / ADAPTER_CONFIG).read_text())
-        return meta["lm_path"], meta["whisper_path"]
-    return str(path), str(path)  # a full checkpoint carries both
-
-
-class BlspChat:
-    """A BLSP model + processor that embeds conversations and streams replies with transformers."""
-
-    def __init__(self, model: BlspModel, processor: BlspProcessor):
+    def __init__(self, model: BlspModel, processor: BlspProcessor,
+                 engine: TextEngine | AsyncVllmEngine | None = None, batch_size: int = 8):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.engine = engine or TransformersEngine(model.llama_model, self.tokenizer, GenerationSettings(), batch_size)
+        self.batch_size = batch_size  # clips encoded per Whisper + adapter forward
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, dtype: str = "float32") -> BlspChat:
-        model = load_blsp(path, dtype=getattr(torch, dtype))
+    def from_checkpoint(cls, path: str | os.PathLike, cfg: EngineConfig, settings: GenerationSettings | None = None,
+                        dtype: str = "float32", streaming: bool = False, device: str = "cpu") -> SpeechLM:
+        """Load a local checkpoint (adapter-only or full) with the engine ``cfg.engine`` names;
+        ``streaming`` makes that vLLM engine an ``AsyncVllmEngine``. ``device``: where Whisper +
+        adapter run, and the LM too on the transformers engine (vLLM places its own copy)."""
+        settings = settings or GenerationSettings.from_config(cfg)
+        batch_size = cfg.batch_size if isinstance(cfg, BatchEngineConfig) else 8  # serving passes one conversation at a time
+        model = load_blsp(path, dtype=getattr(torch, dtype)).eval()
         lm_path, whisper_path = checkpoint_bases(path)
         processor = BlspProcessor.from_paths(lm_path, whisper_path, model.config.pad_audio_to_30s)
-        return cls(model, processor)
+        if cfg.engine == "vllm":
+            for part in model.children():
+                if part is not model.llama_model:  # the in-process LM only embeds prompt tokens
+                    part.to(device)
+            lm_dir = standalone_lm_dir(path, model)
+            engine = (AsyncVllmEngine(lm_dir, cfg, settings, dtype=dtype) if streaming
+                      else VllmEngine(lm_dir, cfg, settings, enable_prompt_embeds=True, dtype=dtype))
+        else:
+            model.to(device)
+            engine = TransformersEngine(model.llama_model, processor.tokenizer, settings, batch_size)
+        return cls(model, processor, engine, batch_size)
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.engine.settings
 
     @property
     def max_context(self) -> int:
-        return int(self.model.llama_model.config.max_position_embeddings)
+        """Prompt + reply positions the engine takes."""
+        return self.engine.max_context
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.llama_model.config.hidden_size)
+
+    # ---- speech -> prompt embeddings ------------------------------------------------------------
+
+    def features(self, waveforms: Sequence[np.ndarray]) -> SpeechBatch:
+        return self.processor.features(waveforms)
+
+    def _speech_embeddings(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mel features -> speech embeddings [B, S, H] and lengths [B], on the LM's device (for splicing)."""
+        embeds, lengths = self.model.speech_embeddings(speech.to(self.model.whisper_model.device))
+        return embeds.to(self.model.llama_model.device), lengths.cpu()
+
+    def _splice(self, batch: dict, speech_embeds: torch.Tensor | None, speech_lengths: torch.Tensor | None):
+        """Right-padded [prefix | speech | suffix] rows: inputs_embeds [B, L, H], attention [B, L]."""
+        device = self.model.llama_model.device
+        inputs, attention, _ = self.model.splice(
+            batch["prefix_ids"].to(device), batch["prefix_mask"].to(device), speech_embeds, speech_lengths,
+            batch["suffix_ids"].to(device), batch["suffix_mask"].to(device),
+        )
+        return inputs, attention
+
+    @torch.no_grad()
+    def speech_prompt_embeds(self, speech: SpeechBatch, instructions: Sequence[str]) -> list[torch.Tensor]:
+        """[prefix | speech | suffix] embeddings of each clip: a list of [L_i, hidden] float32 (no padding)."""
+        batch = self.processor.collate_speech([self.processor.speech_prompt(i) for i in instructions])
+        embeds, mask = self._splice(batch, *self._speech_embeddings(speech))  # [B, L, H], [B, L]
+        return [embeds[i, : int(mask[i].sum())].float() for i in range(embeds.shape[0])]
 
     @torch.no_grad()
     def prompt_embeds(self, turns: Sequence[ChatTurn], header: str = "") -> torch.Tensor:
@@ -118,68 +159,37 @@ class BlspChat:
         speech_embeds = speech_lengths = None
         with_speech = [i for i, t in enumerate(turns) if t.speech is not None]
         if with_speech:
-            feats = self.processor.features([turns[i].speech for i in with_speech])
-            embeds, lengths = self.model.speech_embeddings(feats)  # [N, S, H], [N]
+            embeds, lengths = self._speech_embeddings(self.features([turns[i].speech for i in with_speech]))  # [N, S, H], [N]
             speech_embeds = embeds.new_zeros(len(turns), *embeds.shape[1:])  # turns without speech: 0 frames
             speech_lengths = torch.zeros(len(turns), dtype=torch.long)
             speech_embeds[with_speech] = embeds
             speech_lengths[with_speech] = lengths
-        inputs, attention, _ = self.model.splice(
-            batch["prefix_ids"], batch["prefix_mask"], speech_embeds, speech_lengths,
-            batch["suffix_ids"], batch["suffix_mask"],
-        )
+        inputs, attention = self._splice(batch, speech_embeds, speech_lengths)
         # Right padding: the real positions in row-major order are the turns, in order.
         return inputs[attention.bool()]  # [L, H]
 
-    def stream(
-        self, prompt_embeds: torch.Tensor, settings: SamplingSettings, cancel: threading.Event | None = None
-    ) -> ChatStream:
-        """Generate from prompt embeddings [L, H] on a thread; iterate the returned stream for text deltas."""
-        cancel = cancel or threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        gen_kwargs = dict(
-            inputs_embeds=prompt_embeds[None].to(self.model.llama_model.dtype),  # [1, L, H]
-            attention_mask=torch.ones(1, prompt_embeds.shape[0], dtype=torch.long),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.temperature > 0,
-            pad_token_id=self.processor.pad_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-        )
-        if settings.temperature > 0:
-            gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        result: dict = {}
+    # ---- generation -----------------------------------------------------------------------------
 
-        def run() -> None:
-            try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                with torch.no_grad():
-                    result["ids"] = self.model.llama_model.generate(**gen_kwargs)[0]  # new tokens only
-            except BaseException as err:  # surfaced to the consumer below
-                result["error"] = err
-                streamer.end()
+    def generate_features(self, speech: SpeechBatch, instructions: str | Sequence[str]) -> list[Generation]:
+        """One generation per clip of ``speech`` (mel features [B, n_mels, F] + frame lengths [B])."""
+        n = speech.features.shape[0]
+        if isinstance(instructions, str):
+            instructions = [instructions] * n
+        prompts = []
+        for s in range(0, n, self.batch_size):
+            part = SpeechBatch(speech.features[s : s + self.batch_size], speech.frame_lengths[s : s + self.batch_size])
+            if not self.model.config.pad_audio_to_30s:  # this part's own frames only, as in training
+                part = SpeechBatch(part.features[..., : int(part.frame_lengths.max())], part.frame_lengths)
+            prompts.extend(self.speech_prompt_embeds(part, instructions[s : s + self.batch_size]))
+        return self.engine.generate_embeds(prompts)
 
-        thread = threading.Thread(target=run, name="blsp-generate", daemon=True)
-        stream = ChatStream(iter(()), prompt_tokens=int(prompt_embeds.shape[0]))
+    def generate(self, waveforms: Sequence[np.ndarray], instructions: str | Sequence[str]) -> list[Generation]:
+        """16 kHz mono clips [T_i] -> one generation each, in order."""
+        return self.generate_features(self.features(waveforms), instructions)
 
-        def deltas() -> Iterator[str]:
-            thread.start()
-            try:
-                for text in streamer:
-                    if text:
-                        yield text
-            finally:
-                cancel.set()  # a consumer that stops early ends the generation too
-                thread.join()
-            if "error" in result:
-                raise result["error"]
-            ids = result["ids"]
-            stream.completion_tokens = int(ids.shape[0])
-            ended = stream.completion_tokens and int(ids[-1]) == self.tokenizer.eos_token_id
-            stream.completion_tokens -= 1 if ended else 0  # EOS is not part of the reply
-            stream.finish_reason = "stop" if ended or stream.completion_tokens < settings.max_new_tokens else "length"
-
-        stream._deltas = deltas()
-        return stream
+    def stream(self, prompt_embeds: torch.Tensor, settings: GenerationSettings | None = None,
+               cancel: threading.Event | None = None) -> TextStream:
+        """Reply to prompt embeddings [L, H] on a thread (transformers engine): iterate for text deltas."""
+        if not isinstance(self.engine, TransformersEngine):
+            raise TypeError(f"stream() runs on the transformers engine; {type(self.engine).__name__} streams with engine.stream()")
+        return self.engine.stream_embeds(prompt_embeds, settings, cancel)

@@ -1,4 +1,4 @@
-"""Text rules of the seed's preparation scripts: Whisper's English normaliser, Alpaca clean-up,
+"""Text rules of the original release's preparation scripts: Whisper's English normaliser, Alpaca clean-up,
 GigaSpeech's tags.
 
 Whisper's ``EnglishTextNormalizer`` (shipped in transformers) needs the British->American spelling
@@ -17,13 +17,13 @@ import string
 import unicodedata
 from pathlib import Path
 
+from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
 SPELLING_JSON = Path(__file__).with_name("english_spelling.json")
 
 
 @functools.lru_cache(maxsize=1)
 def _english_normalizer():
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
     return EnglishTextNormalizer(json.loads(SPELLING_JSON.read_text(encoding="utf-8")))
 
 
@@ -43,7 +43,7 @@ def _ends_with_punctuation(text: str) -> bool:
 
 
 def alpaca_instruction(instruction: str, input_text: str = "") -> str:
-    """The seed's stage-1 instruction: full stop added if missing, then `input` joined with a space."""
+    """The original release's stage-1 instruction: full stop added if missing, then `input` joined with a space."""
     instruction = strip_nonprintable(instruction).strip()
     input_text = strip_nonprintable(input_text or "").strip()
     if instruction and not _ends_with_punctuation(instruction):

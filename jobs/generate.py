@@ -1,4 +1,7 @@
-"""Speech generation with a BLSP checkpoint (the seed's generate.py) as a Ray Data batch job. (``blsp_ray.stages.generate``)."""
+"""Batch speech generation with a BLSP checkpoint (the original release's generate.py) as a Ray Data job.
+
+Submit with ``ray job submit -- python -m jobs.generate --config configs/X.yaml``; the code is ``blsp_ray.stages.generate``.
+"""
 
 from blsp_ray.stages.generate import main
 

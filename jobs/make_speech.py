@@ -1,4 +1,7 @@
-"""Make the demo corpus: sentences spoken into 16 kHz wav files with train/held-out manifests, and (``blsp_ray.stages.make_speech``)."""
+"""Make the demo's speech: sentences spoken on this machine into 16 kHz wav files, with train and held-out manifests.
+
+Submit with ``ray job submit -- python -m jobs.make_speech --config configs/X.yaml``; the code is ``blsp_ray.stages.make_speech``.
+"""
 
 from blsp_ray.stages.make_speech import main
 

@@ -1,4 +1,7 @@
-"""Stage 1: full fine-tuning of the LM on the run's instruction data (Ray Train + DeepSpeed). (``blsp_ray.stages.stage1``)."""
+"""Stage 1: full fine-tuning of the LM on the run's instruction data (Ray Train + DeepSpeed).
+
+Submit with ``ray job submit -- python -m jobs.stage1 --config configs/X.yaml``; the code is ``blsp_ray.stages.stage1``.
+"""
 
 from blsp_ray.stages.stage1 import main
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 
-from blsp_ray.runtime import start_local_cluster  # first: it sets the loopback env Ray reads at import
+import ray
+from ray import serve
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
-
-from blsp_ray.cli import job_parser, load_job_config  # noqa: E402
-from serve.app import deploy  # noqa: E402
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.runtime import start_local_cluster
+from serve.app import deploy
 
 
 def main() -> None:
@@ -23,7 +22,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="BLSP checkpoint dir (default: serve.checkpoint, then the run's stage-2 model)")
     parser.add_argument("--detach", action="store_true", help="deploy and return (needs cluster.address)")
     args = parser.parse_args()
-    cfg = load_job_config(args)
+    cfg = load_job_config(args)  # without cluster.address: the loopback environment the local cluster needs
     if cfg.cluster.address is None and args.detach:
         parser.error("--detach needs cluster.address: a local cluster ends with this process")
     local = None

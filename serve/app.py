@@ -26,14 +26,18 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from blsp_ray.config import BlspRayConfig, ServeConfig, load_config
+from blsp_ray.config import BlspRayConfig, S3Config, ServeConfig, load_config
+from blsp_ray.engines import AsyncVllmEngine
 from blsp_ray.io.layout import RunLayout
+from blsp_ray.io.storage import local_checkpoint
+from blsp_ray.speech_lm import SpeechLM
 from serve.schemas import ApiError, ChatRequest, parse_json, to_chat_request
 
 log = logging.getLogger("ray.serve")
@@ -48,54 +52,26 @@ MAX_ATTEMPTS = 3
 class BlspEngine:
     """One model replica: Whisper + adapter embed the conversation, then the LM engine replies.
 
-    ``vllm``: an async vLLM engine takes the embeddings as ``prompt_embeds`` and batches concurrent
+    ``vllm``: an ``AsyncVllmEngine`` takes the embeddings as ``prompt_embeds`` and batches concurrent
     requests continuously. ``transformers``: one generation at a time per replica (the rest wait).
     """
 
-    def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32"):
-        import torch
-
-        from blsp_ray.speech_lm import BlspChat
-
+    def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32", s3: dict | None = None):
         self.cfg = ServeConfig(**settings)
         if self.cfg.gpus_per_replica == 0:
             torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))
-        self.vllm = None
-        if self.cfg.engine == "vllm":
-            self._start_vllm(checkpoint, dtype)
-        else:
-            self.chat = BlspChat.from_checkpoint(checkpoint, dtype)
-            if self.cfg.gpus_per_replica > 0:
-                self.chat.model.to("cuda")
-        self.max_context = self.cfg.vllm_max_model_len if self.vllm else self.chat.max_context
+        # The checkpoint may be s3://: each replica's node makes its own local copy.
+        local = local_checkpoint(checkpoint, S3Config(**s3) if s3 else None)
+        device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
+        self.speech_lm = SpeechLM.from_checkpoint(local, self.cfg, dtype=dtype, streaming=True, device=device)
+        self.max_context = self.speech_lm.max_context
         self.lock = asyncio.Lock()  # transformers: one generation at a time
         self.embed_lock = threading.Lock()  # speech encoding: one at a time, so threads don't fight over cores
         log.info("BlspEngine ready (%s): %s (pid %d)", self.cfg.engine, checkpoint, os.getpid())
 
-    def _start_vllm(self, checkpoint: str, dtype: str) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from blsp_ray.speech_lm import BlspChat
-        from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs
-        from blsp_ray.stages.generate import SpeechGenerator
-
-        # Whisper + adapter (+ the LM's embedding table) from the shared generator; its own engine stays off.
-        speech = SpeechGenerator(checkpoint, self.cfg.model_copy(update={"engine": "transformers"}), dtype=dtype)
-        self.chat = BlspChat(speech.model, speech.processor)
-        if self.cfg.gpus_per_replica > 0:
-            for part in (speech.model.whisper_model, speech.model.subsampler, speech.model.adapter, speech.model.speech_ln):
-                part.to("cuda")
-        # AsyncLLM runs its engine core in a child process; the LM's weights live there.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one-GPU engine: its IPC stays on loopback
-        prepare_vllm_env(self.cfg)
-        kwargs = vllm_engine_kwargs(self.cfg, speech.lm_path, enable_prompt_embeds=True, dtype=dtype)
-        self.vllm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-
     def _embed(self, req: ChatRequest):
         with self.embed_lock:
-            return self.chat.prompt_embeds(req.turns, req.header)  # [L, H]
+            return self.speech_lm.prompt_embeds(req.turns, req.header)  # [L, H]
 
     def _too_long(self, prompt_len: int, req: ChatRequest) -> tuple | None:
         if prompt_len + req.sampling.max_new_tokens <= self.max_context:
@@ -104,31 +80,24 @@ class BlspEngine:
 
     async def generate(self, req: ChatRequest) -> AsyncIterator[tuple]:
         """Events: ("delta", text)..., then ("done", usage) or ("error", (status, message, code))."""
-        events = self._generate_vllm(req) if self.vllm else self._generate_transformers(req)
+        streams_async = isinstance(self.speech_lm.engine, AsyncVllmEngine)
+        events = self._generate_vllm(req) if streams_async else self._generate_transformers(req)
         async for event in events:
             yield event
 
     async def _generate_vllm(self, req: ChatRequest) -> AsyncIterator[tuple]:
-        from vllm.sampling_params import RequestOutputKind
-
-        from blsp_ray.engines import GenerationSettings, vllm_sampling_params
-
         embeds = await asyncio.to_thread(self._embed, req)
         if too_long := self._too_long(embeds.shape[0], req):
             yield too_long
             return
-        s = req.sampling
-        params = vllm_sampling_params(GenerationSettings(s.max_new_tokens, s.temperature, s.top_p, s.seed))
-        params.output_kind = RequestOutputKind.DELTA  # stream new text only
-        completion, finish = 0, None
+        final = None
         # Cancelling this generator (client gone, timeout) aborts the request inside vLLM.
-        async for out in self.vllm.generate({"prompt_embeds": embeds.float().cpu()}, params, uuid.uuid4().hex):
-            piece = out.outputs[0]
-            completion += len(piece.token_ids)
-            finish = piece.finish_reason or finish
-            if piece.text:
-                yield ("delta", piece.text)
-        yield ("done", {"finish_reason": finish or "stop", "prompt_tokens": int(embeds.shape[0]), "completion_tokens": completion})
+        async for delta, done in self.speech_lm.engine.stream(embeds, req.sampling):
+            if delta:
+                yield ("delta", delta)
+            final = done or final
+        yield ("done", {"finish_reason": final.finish_reason or "stop", "prompt_tokens": int(embeds.shape[0]),
+                        "completion_tokens": len(final.token_ids)})
 
     def _run_transformers(self, req: ChatRequest, cancel: threading.Event, emit) -> None:
         """Embed and generate on a worker thread, handing events to ``emit``."""
@@ -136,7 +105,7 @@ class BlspEngine:
         if too_long := self._too_long(embeds.shape[0], req):
             emit(too_long)
             return
-        stream = self.chat.stream(embeds, req.sampling, cancel)
+        stream = self.speech_lm.stream(embeds, req.sampling, cancel)
         for delta in stream:
             emit(("delta", delta))
         emit(("done", {"finish_reason": stream.finish_reason, "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens}))
@@ -342,7 +311,7 @@ def build_app(cfg: BlspRayConfig, checkpoint: str | None = None):
         },
         max_ongoing_requests=sc.max_ongoing_requests,
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica, "runtime_env": runtime_env},
-    ).bind(checkpoint, sc.model_dump(), sc.engine_dtype(cfg.model))
+    ).bind(checkpoint, sc.model_dump(), sc.engine_dtype(cfg.model), cfg.cluster.s3.model_dump())
     return ChatIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(engine, sc.model_dump())
 
 

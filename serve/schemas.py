@@ -17,9 +17,10 @@ import numpy as np
 import soundfile as sf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blsp_ray.model.audio import AudioError, decode_audio
-from blsp_ray.speech_lm import ChatTurn, SamplingSettings
 from blsp_ray.config import ServeConfig
+from blsp_ray.engines import GenerationSettings
+from blsp_ray.model.audio import AudioError, decode_audio, duration_s
+from blsp_ray.speech_lm import ChatTurn
 
 AUDIO_FORMATS = {"wav", "flac"}  # what libsndfile decodes reliably; others are rejected, not guessed
 
@@ -90,7 +91,7 @@ class ChatRequest:
 
     turns: list[ChatTurn]
     header: str
-    sampling: SamplingSettings
+    sampling: GenerationSettings  # no stop strings: a chat reply ends at EOS or max_tokens
     stream: bool
     include_usage: bool
     audio_seconds: float
@@ -181,8 +182,8 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
         speech = None
         if audios:
             speech = decode_input_audio(audios[0].input_audio, f"{where}.input_audio", cfg)
-            audio_seconds += len(speech) / 16000
-        # The seed's prompt puts the instruction before the speech, whatever the part order.
+            audio_seconds += duration_s(speech)
+        # The original release's prompt puts the instruction before the speech, whatever the part order.
         turns.append(ChatTurn(instruction=" ".join(texts), speech=speech))
     if not turns or turns[-1].reply is not None:
         raise ApiError(400, "the last message must be from the user", "invalid_messages", "messages")
@@ -192,7 +193,7 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     max_tokens = req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens
     if max_tokens > cfg.max_new_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {cfg.max_new_tokens}", "max_tokens_too_large", "max_tokens")
-    sampling = SamplingSettings(
+    sampling = GenerationSettings(
         max_new_tokens=max_tokens,
         temperature=cfg.temperature if req.temperature is None else req.temperature,
         top_p=cfg.top_p if req.top_p is None else req.top_p,

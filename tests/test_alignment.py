@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from blsp_ray.config import config_from_dict
+from blsp_ray.engines import GenerationSettings
 from blsp_ray.heldout import HeldoutSet
+from blsp_ray.io.storage import read_jsonl, write_jsonl
 from blsp_ray.metrics import word_recall
 from blsp_ray.model.audio import load_audio
-from blsp_ray.engines import GenerationSettings
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import BlspProcessor
-from blsp_ray.io.storage import read_jsonl
-from blsp_ray.stages.stage2 import AdapterModule, encoder_outputs
+from blsp_ray.stages.evaluate import TABLE_COLUMNS, run_evaluate
+from blsp_ray.stages.stage2 import encoder_outputs
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +34,13 @@ def test_transcript_condition_is_its_own_teacher(heldout):
     model, _, _, _, held = heldout
     scores = held.teacher_forced(None, "transcript")
     assert abs(scores["kl"]) < 1e-6  # KL(transcript || transcript)
-    speech = held.teacher_forced(AdapterModule(model), "speech")
+    speech = held.teacher_forced(model.speech_adapter, "speech")
     assert speech["kl"] > 1e-3 and speech["nll"] > scores["nll"]  # an untrained adapter is far from the text
 
 
 def test_shuffled_condition_feeds_another_clip(heldout):
     model, _, _, _, held = heldout
-    adapter = AdapterModule(model)
+    adapter = model.speech_adapter
     speech, shuffled = held.teacher_forced(adapter, "speech"), held.teacher_forced(adapter, "shuffled")
     assert speech["nll"] != shuffled["nll"]
     embeds, lengths = held._inserted(range(0, 2), "shuffled", adapter)
@@ -46,7 +50,7 @@ def test_shuffled_condition_feeds_another_clip(heldout):
 
 def test_scores_have_every_table_column(heldout):
     model, _, _, _, held = heldout
-    row = held.scores(AdapterModule(model), "speech")
+    row = held.scores(model.speech_adapter, "speech")
     for key in ("nll", "kl", "chrf", "bleu", "wer", "word_recall"):
         assert np.isfinite(row[key]), key
     assert len(held.continuations) == len(held) and all(isinstance(c, str) for c in held.continuations)
@@ -73,12 +77,6 @@ def test_cached_encoder_outputs_equal_the_encoder_in_the_step(heldout, tiny_asse
 
 def test_evaluate_prints_the_heldout_table(ray_cluster, tiny_assets, speech_corpus, tmp_path):
     """run_evaluate with evaluate.table_rows: the four conditions, as a Ray task on the cluster, in report.md."""
-    import json
-
-    from blsp_ray.config import config_from_dict
-    from blsp_ray.stages.evaluate import TABLE_COLUMNS, run_evaluate
-    from blsp_ray.io.storage import write_jsonl
-
     torch.manual_seed(0)
     model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
     model.save_adapter(tmp_path / "adapter", tiny_assets / "lm", tiny_assets / "whisper")
@@ -88,12 +86,17 @@ def test_evaluate_prints_the_heldout_table(ray_cluster, tiny_assets, speech_corp
         "cluster": {"address": ray_cluster.dashboard_url},
         "model": {"lm_path": str(tiny_assets / "lm"), "whisper_path": str(tiny_assets / "whisper"), "adapter_inner_dim": 32},
         "label": {"max_new_tokens": 6}, "generate": {"batch_size": 2},
-        "evaluate": {"metrics": ["wer"], "table_rows": 3, "table_cpus": 0.5},
+        "evaluate": {"metrics": ["wer", "alignment"], "table_rows": 3, "table_cpus": 0.5},
     })
     report = run_evaluate(cfg, str(tmp_path / "preds.jsonl"), str(tmp_path / "eval"), "text", blsp_model=str(tmp_path / "adapter"))
     table = json.loads((tmp_path / "eval" / "report.json").read_text())["alignment_table"]
     assert table == json.loads(json.dumps(report["alignment_table"]))
     assert table["rows"] == 3 and list(table["conditions"]) == ["untrained adapter", "trained adapter", "shuffled speech", "transcript"]
     assert abs(table["conditions"]["transcript"]["kl"]) < 1e-6
+    # The alignment metrics on the same clips are the table's "trained adapter" row: one definition.
+    trained = table["conditions"]["trained adapter"]
+    assert report["metrics"]["alignment_rows"] == 3
+    for metric in ("kl", "nll", "chrf", "bleu"):
+        assert report["metrics"][f"alignment_{metric}"] == pytest.approx(trained[metric], rel=1e-4, abs=1e-6), metric
     md = (tmp_path / "eval" / "report.md").read_text()
     assert all(name in md for name in table["conditions"]) and all(col in md for col in TABLE_COLUMNS.values())

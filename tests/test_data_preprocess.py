@@ -19,8 +19,9 @@ import soundfile as sf
 import yaml
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.stages.preprocess import SCHEMA, SUMMARY_FILE, preprocess
+from blsp_ray.io.shards import plan_shards
 from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.stages.preprocess import SCHEMA, SUMMARY_FILE, Settings, ShardProcessor, preprocess, shard_file
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text."
@@ -228,15 +229,13 @@ def test_labelled_parquet_input(corpus, tiny_assets, ray_cluster, tmp_path):
 
 def test_target_column_is_configurable(corpus, tiny_assets, tmp_path):
     """Transcripts as targets (ASR-style data); the worker runs in-process here, no Ray needed."""
-    from blsp_ray.stages.preprocess import Settings, ShardProcessor, plan_shards
-
     manifest, good, _ = corpus
     cfg = make_cfg(tiny_assets, None, target_column="text", rows_per_shard=100)
     worker = ShardProcessor(cfg, Settings.of(cfg, [str(manifest)]), str(tmp_path))
     (shard,) = plan_shards([str(manifest)], 100)
     summary = worker.write_shard(shard)
     assert summary.kept == len(good) + 1  # the row without a continuation has a transcript
-    rows = pq.read_table(tmp_path / shard.name).to_pylist()
+    rows = pq.read_table(tmp_path / shard_file(shard)).to_pylist()
     assert all(r["target"] == r["text"] for r in rows)
 
 

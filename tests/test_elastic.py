@@ -10,6 +10,8 @@ the pool's second replica can only run on the new node: Ray Data's autoscaling a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,15 +20,36 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from blsp_ray.runtime import start_local_cluster
 from blsp_ray.config import config_from_dict
-from blsp_ray.stages.label import ROW_ID, stats_dir
 from blsp_ray.io.layout import RunLayout
+from blsp_ray.runtime import LOOPBACK_ENV, LocalRayCluster, free_port, start_local_cluster
+from blsp_ray.stages.label import ROW_ID, stats_dir
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat while rain fell over quiet hills and the river ran past old stone walls".split()
 ROWS = 1600
 ENGINE = "ContinuationLabeller"
+
+# Ray has no public way to join a second node to a cluster on 127.0.0.1: with the loopback env's
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 `ray start --address` refuses to start a joining node, and
+# with =1 it rewrites the head's 127.0.0.1 to the machine's own address, where nothing listens. So
+# the joining node runs `ray start` with =1 and Ray's localhost resolution patched to keep loopback
+# addresses (a private function of Ray: only this test, which needs several nodes on one machine).
+_JOIN_ON_LOOPBACK = (
+    "import sys; import ray._private.services as services; "
+    "services.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
+
+
+def _join_node(cluster: LocalRayCluster, num_cpus: int, resources: str) -> None:
+    """Another raylet (same machine, its own resources) joins ``cluster``: a node joining mid-job.
+    It takes the head's temp dir, so ``cluster.stop()`` ends its processes too."""
+    cmd = [sys.executable, "-c", _JOIN_ON_LOOPBACK, "start", f"--address={cluster.address}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}", f"--resources={resources}"]
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"joining node failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 def _engine_actors(address: str) -> list:
@@ -75,7 +98,7 @@ def test_labelling_pool_grows_onto_a_node_that_joins_mid_job(tiny_assets, tmp_pa
 
     cluster = start_local_cluster(num_cpus=1)  # head: the job driver and read tasks; no engine fits here
     try:
-        cluster.add_node(num_cpus=1, resources='{"labeller": 1}')
+        _join_node(cluster, num_cpus=1, resources='{"labeller": 1}')
         address = cluster.dashboard_url
         first_nodes = {n.node_id for n in list_nodes(address=address)}
         assert len(first_nodes) == 2
@@ -88,7 +111,7 @@ def test_labelling_pool_grows_onto_a_node_that_joins_mid_job(tiny_assets, tmp_pa
         _wait(lambda: len(list(Path(stats_dir(cfg)).glob("*.json"))) >= 2, 150, "the first committed shards", job)
         t_join = time.time()
         committed_at_join = len(list(Path(stats_dir(cfg)).glob("*.json")))
-        cluster.add_node(num_cpus=1, resources='{"labeller": 1}')
+        _join_node(cluster, num_cpus=1, resources='{"labeller": 1}')
         new_nodes = {n.node_id for n in list_nodes(address=address)} - first_nodes
         assert len(new_nodes) == 1
         new_node = new_nodes.pop()

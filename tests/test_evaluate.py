@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from blsp_ray.config import config_from_dict
+from blsp_ray.engines import GenerationSettings
+from blsp_ray.heldout import HeldoutSet
+from blsp_ray.io.storage import read_jsonl, write_jsonl
 from blsp_ray.metrics import text_metrics
-from blsp_ray.stages.evaluate import alignment_scores, mean_token_kl, run_evaluate
-from blsp_ray.io.storage import write_jsonl
+from blsp_ray.model.audio import load_audio
+from blsp_ray.model.losses import response_kl
+from blsp_ray.model.modeling import build_blsp_from_parts
+from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.stages.evaluate import run_evaluate
 
 
 def test_wer_cer_by_hand():
@@ -34,18 +40,15 @@ def test_bleu_chrf_by_hand():
 
 
 def test_token_kl_by_hand():
+    """The held-out KL (``response_kl`` at temperature 1): mean over positions of KL(teacher || student)."""
     teacher = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p = (1/2, 1/2), (3/4, 1/4)
     student = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]])  # q = (3/4, 1/4) twice
     kl_first = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    assert mean_token_kl(teacher, student) == pytest.approx((kl_first + 0.0) / 2, abs=1e-6)
-    assert mean_token_kl(student, student) == pytest.approx(0.0, abs=1e-7)
+    assert float(response_kl(student, teacher, temperature=1.0)) == pytest.approx((kl_first + 0.0) / 2, abs=1e-6)
+    assert float(response_kl(student, student, temperature=1.0)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_alignment_scores_and_report(tmp_path):
-    s = alignment_scores(["a b c d", "same text here"], ["a b c d", "same text here"], kls=[0.5, 1.5])
-    assert s["alignment_bleu"] == pytest.approx(100.0) and s["alignment_chrf"] == pytest.approx(100.0)
-    assert s["alignment_kl"] == pytest.approx(1.0)
-
+def test_report(tmp_path):
     preds = tmp_path / "out.jsonl"
     write_jsonl(preds, [
         {"audio": "a.wav", "reference": "the cat sat", "response": "the cat sit"},
@@ -62,18 +65,26 @@ def test_alignment_scores_and_report(tmp_path):
     assert "| wer | 0.2000 |" in md
 
 
-def test_behaviour_alignment_runs_on_a_checkpoint(tiny_assets, speech_corpus, tmp_path):
-    from blsp_ray.stages.evaluate import behaviour_alignment
-    from blsp_ray.model.modeling import build_blsp_from_parts
-    from blsp_ray.io.storage import read_jsonl
-
+def test_evaluate_alignment_is_the_heldout_kl(tiny_assets, speech_corpus, tmp_path):
+    """Issue 19, bug 2: the evaluate stage's KL(text || speech) is ``HeldoutSet``'s, the one stage 2
+    reports (teacher: the transcript's embeddings where the speech goes, ``stage2.instruction``),
+    not a second definition with its own teacher prompt."""
     torch.manual_seed(0)
-    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32).eval()
     model.save_adapter(tmp_path / "ckpt", str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
-    cfg = config_from_dict({"model": {"lm_path": "x", "whisper_path": "y"},
-                            "generate": {"engine": "transformers", "max_new_tokens": 8}})
     rows = read_jsonl(speech_corpus["heldout"])[:2]
-    s = behaviour_alignment(cfg, str(tmp_path / "ckpt"), rows)
+    write_jsonl(tmp_path / "preds.jsonl", [{**r, "response": r["text"]} for r in rows])
+    cfg = config_from_dict({"model": {"lm_path": "x", "whisper_path": "y"}, "label": {"max_new_tokens": 8},
+                            "generate": {"engine": "transformers", "max_new_tokens": 8},
+                            "evaluate": {"metrics": ["wer", "alignment"]}})
+    s = run_evaluate(cfg, str(tmp_path / "preds.jsonl"), str(tmp_path / "eval"), "text", blsp_model=str(tmp_path / "ckpt"))["metrics"]
     assert s["alignment_rows"] == 2
     assert 0.0 <= s["alignment_chrf"] <= 100.0
     assert s["alignment_kl"] > 0.0 and math.isfinite(s["alignment_kl"])  # untrained adapter: speech != text
+
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    held = HeldoutSet(model, proc, rows, [load_audio(r["audio"]) for r in rows], GenerationSettings.from_config(cfg.label),
+                      instruction=cfg.stage2.instruction)
+    expected = held.teacher_forced(model.speech_adapter, "speech")
+    assert s["alignment_kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-6)
+    assert s["alignment_nll"] == pytest.approx(expected["nll"], rel=1e-4, abs=1e-6)

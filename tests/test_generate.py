@@ -1,5 +1,6 @@
-"""Speech generation: SpeechGenerator (vLLM prompt_embeds vs BlspModel.generate) and the seed-style
-``jobs.generate`` command line through ``ray job submit`` on the session's local cluster."""
+"""Speech generation: SpeechLM (vLLM prompt_embeds vs transformers on the same embeddings, and
+BlspModel.generate) and the original release's ``jobs.generate`` command line through
+``ray job submit`` on the session's local cluster."""
 
 from __future__ import annotations
 
@@ -38,25 +39,48 @@ def clips(speech_corpus):
     return read_jsonl(speech_corpus["heldout"])[:6]
 
 
-def test_vllm_prompt_embeds_match_blsp_generate(checkpoint, clips):
+def test_transformers_engine_matches_blsp_generate(checkpoint, clips):
+    """SpeechLM's transformers path (left-padded spliced embeddings through TransformersEngine)
+    gives BlspModel.generate's tokens, batch by batch."""
     from blsp_ray.engines import GenerationSettings
-    from blsp_ray.stages.generate import SpeechGenerator
+    from blsp_ray.model.modeling import SpeechBatch
+    from blsp_ray.speech_lm import SpeechLM
+
+    waves = [load_audio(c["audio"]) for c in clips]
+    speech_lm = SpeechLM.from_checkpoint(str(checkpoint), GenerateConfig(engine="transformers", batch_size=4),
+                                         GenerationSettings(max_new_tokens=12))
+    got = [g.token_ids for g in speech_lm.generate(waves, INSTRUCTION)]
+    proc, eos = speech_lm.processor, speech_lm.tokenizer.eos_token_id
+    speech, expected = proc.features(waves), []
+    for s in range(0, len(waves), 4):  # as the original release generates: BlspModel.generate per batch
+        lengths = speech.frame_lengths[s : s + 4]
+        part = SpeechBatch(speech.features[s : s + 4, :, : int(lengths.max())], lengths)
+        batch = proc.collate_speech([proc.speech_prompt(INSTRUCTION)] * len(lengths))
+        new = speech_lm.model.generate(batch["prefix_ids"], batch["prefix_mask"], batch["suffix_ids"], batch["suffix_mask"],
+                                       speech=part, max_new_tokens=12, do_sample=False, pad_token_id=proc.pad_id, eos_token_id=eos)
+        expected += [row[: row.index(eos)] if eos in row else row for row in new.tolist()]
+    assert got == expected
+
+
+def test_vllm_prompt_embeds_match_transformers(checkpoint, clips):
+    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.speech_lm import SpeechLM
 
     waves = [load_audio(c["audio"]) for c in clips]
     settings = GenerationSettings(max_new_tokens=12)
     outs = {}
     for engine in ("transformers", "vllm"):
-        gen = SpeechGenerator(str(checkpoint), GenerateConfig(engine=engine, batch_size=4), settings)
-        outs[engine] = [g.token_ids for g in gen.generate(waves, INSTRUCTION)]
-        del gen
+        speech_lm = SpeechLM.from_checkpoint(str(checkpoint), GenerateConfig(engine=engine, batch_size=4), settings)
+        outs[engine] = [g.token_ids for g in speech_lm.generate(waves, INSTRUCTION)]
+        del speech_lm
     same = sum(a == b for a, b in zip(outs["transformers"], outs["vllm"]))
-    print(f"\nspeech generation: vLLM prompt_embeds == BlspModel.generate on {same}/{len(waves)} clips")
+    print(f"\nspeech generation: vLLM prompt_embeds == transformers on {same}/{len(waves)} clips")
     assert all(len(t) > 0 for t in outs["vllm"])
     assert same >= len(waves) - 1  # a random-weight LM can flip a near-tie; see test_label for the margin check
 
 
 @pytest.mark.slow
-def test_seed_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_path):
+def test_original_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_path):
     bad = tmp_path / "corrupt.wav"
     bad.write_bytes(b"RIFF\x00\x00not really a wav file")
     rows = [{"audio": c["audio"], "reference": c["text"], "id": f"clip-{i}"} for i, c in enumerate(clips[:4])]
@@ -91,20 +115,22 @@ def test_seed_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_path):
 
 
 def test_async_vllm_streams_speech_embeds(checkpoint, clips):
-    """The serving path: SpeechGenerator's prompt embeddings streamed through AsyncVllmEngine
-    give the same greedy tokens as BlspModel.generate, and the deltas add up to the text."""
+    """The serving path: SpeechLM's prompt embeddings streamed through its AsyncVllmEngine give
+    the same greedy tokens as the transformers engine, and the deltas add up to the text."""
     import asyncio
 
     from blsp_ray.engines import AsyncVllmEngine, GenerationSettings
-    from blsp_ray.stages.generate import SpeechGenerator
+    from blsp_ray.speech_lm import SpeechLM
 
     settings = GenerationSettings(max_new_tokens=12)
     cfg = GenerateConfig(engine="transformers", batch_size=4)
-    gen = SpeechGenerator(str(checkpoint), cfg, settings)
+    reference = SpeechLM.from_checkpoint(str(checkpoint), cfg, settings)
     waves = [load_audio(c["audio"]) for c in clips[:3]]
-    expected = [g.token_ids for g in gen.generate(waves, INSTRUCTION)]
-    embeds = gen.speech_prompt_embeds(gen.features(waves), [INSTRUCTION] * len(waves))
-    engine = AsyncVllmEngine(gen.lm_path, cfg.model_copy(update={"engine": "vllm"}))
+    expected = [g.token_ids for g in reference.generate(waves, INSTRUCTION)]
+    embeds = reference.speech_prompt_embeds(reference.features(waves), [INSTRUCTION] * len(waves))
+    streaming = SpeechLM.from_checkpoint(str(checkpoint), cfg.model_copy(update={"engine": "vllm"}), settings, streaming=True)
+    engine = streaming.engine
+    assert isinstance(engine, AsyncVllmEngine) and streaming.max_context == cfg.vllm_max_model_len
 
     async def one(e):
         deltas, final = [], None
@@ -121,6 +147,6 @@ def test_async_vllm_streams_speech_embeds(checkpoint, clips):
     finally:
         engine.shutdown()
     same = sum(final.token_ids == exp for (_, final), exp in zip(results, expected))
-    print(f"\nasync vLLM stream == BlspModel.generate on {same}/{len(expected)} clips")
+    print(f"\nasync vLLM stream == transformers on {same}/{len(expected)} clips")
     assert same >= len(expected) - 1
     assert all(text == final.text for text, final in results)

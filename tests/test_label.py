@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.stages.label import ROW_ID, Drop, run_label, stats_dir, summary_path
+from blsp_ray.drops import DropReason
 from blsp_ray.io.layout import RunLayout
+from blsp_ray.stages.label import ROW_ID, run_label, stats_dir, summary_path
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat while rain fell over quiet hills and the river ran past old stone walls".split()
@@ -79,7 +80,8 @@ def labelled_both(ray_cluster, tiny_assets, bad_manifest, tmp_path_factory):
 def test_vllm_labels_manifest_and_drops_bad_rows(labelled_both):
     cfg, summary = labelled_both["vllm"]
     assert summary["rows_in"] == 24
-    assert summary["dropped"] == {Drop.MISSING_TEXT: 1, Drop.EMPTY_TEXT: 1, Drop.PROMPT_TOO_LONG: 1, Drop.BAD_ROW: 1}
+    assert summary["dropped"] == {DropReason.MISSING_TEXT: 1, DropReason.EMPTY_TEXT: 1, DropReason.PROMPT_TOO_LONG: 1,
+                                  DropReason.BAD_ROW: 1}
     assert summary["labelled"] == 20
     labels = read_labels(cfg)
     assert sorted(labels) == sorted(f"asr.jsonl:{i}" for i in range(24) if i not in (3, 5, 8, 10))

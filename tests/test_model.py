@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from blsp_ray.model.audio import load_audio
 from blsp_ray.config import load_config
+from blsp_ray.io.storage import read_jsonl
+from blsp_ray.model.audio import load_audio
 from blsp_ray.model.modeling import (
     BlspModel,
+    SpeechBatch,
     blsp_config_for,
     build_blsp_from_parts,
     load_blsp,
@@ -18,7 +21,6 @@ from blsp_ray.model.modeling import (
     to_device,
 )
 from blsp_ray.model.processing import IGNORE, BlspProcessor
-from blsp_ray.io.storage import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
@@ -72,11 +74,9 @@ def test_freeze_backbones_leaves_only_adapter_trainable(tiny_assets):
 def test_adapter_output_length_is_frames_over_subsampling(parts, frames):
     model, proc = parts
     torch.manual_seed(frames)
-    from blsp_ray.model.modeling import SpeechBatch
-
     feats = torch.randn(1, 80, frames)
     emb, lengths = model.speech_embeddings(SpeechBatch(feats, torch.tensor([frames])))
-    assert model.subsampling_factor == 16
+    assert model.speech_adapter.subsampling_factor == 16
     expected = -(-frames // 16)  # ceil: each stride-2 layer keeps floor((L-1)/2)+1
     assert emb.shape == (1, expected, model.llama_model.config.hidden_size)
     assert lengths.tolist() == [expected]
@@ -130,8 +130,6 @@ def _reference_original_forward(state, whisper_cfg, kernel_sizes, lm, prefix_ids
     """The original release's forward, written from the facts of its code (../shared/seed/FACTS.md):
     the library Whisper encoder over 30 s of padding, cut to the real length, then conv+GLU layers
     (no masking), the residual bottleneck adapter, LayerNorm, and [prefix | speech | suffix] into the LM."""
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
     enc = WhisperEncoder(whisper_cfg)
     enc.load_state_dict({k[len("whisper_model."):]: v for k, v in state.items() if k.startswith("whisper_model.")})
     enc.eval()

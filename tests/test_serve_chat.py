@@ -10,10 +10,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from blsp_ray.speech_lm import BlspChat, ChatTurn, SamplingSettings
 from blsp_ray.config import ServeConfig
+from blsp_ray.engines import GenerationSettings
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.speech_lm import ChatTurn, SpeechLM
 from serve.schemas import ApiError, to_chat_request
 
 
@@ -21,7 +22,7 @@ from serve.schemas import ApiError, to_chat_request
 def chat(tiny_assets):
     torch.manual_seed(0)
     model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
-    return BlspChat(model, BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper"))
+    return SpeechLM(model, BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper"))
 
 
 def tone(seconds: float, rate: int = 16000) -> np.ndarray:
@@ -63,7 +64,7 @@ def test_stream_greedy_matches_generate_and_stops_on_cancel(chat):
     import threading
 
     embeds = chat.prompt_embeds([ChatTurn("Say something.", tone(0.5))])
-    stream = chat.stream(embeds, SamplingSettings(max_new_tokens=12))
+    stream = chat.stream(embeds, GenerationSettings(max_new_tokens=12))
     text = "".join(stream)
     with torch.no_grad():
         ids = chat.model.llama_model.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
@@ -72,7 +73,7 @@ def test_stream_greedy_matches_generate_and_stops_on_cancel(chat):
     assert stream.prompt_tokens == embeds.shape[0] and 0 < stream.completion_tokens <= 12
     cancel = threading.Event()
     cancel.set()  # cancelled before it starts: at most one token
-    stopped = chat.stream(embeds, SamplingSettings(max_new_tokens=12), cancel)
+    stopped = chat.stream(embeds, GenerationSettings(max_new_tokens=12), cancel)
     list(stopped)
     assert stopped.completion_tokens <= 1
 
@@ -100,7 +101,7 @@ def test_request_to_turns_resamples_and_keeps_history():
     assert first.instruction == "What is this?" and first.reply == "A tone."
     assert first.speech.dtype == np.float32 and abs(len(first.speech) - 16000) <= 1  # 44.1 kHz stereo -> 16 kHz mono
     assert second.instruction == "Louder?" and second.speech is None and second.reply is None
-    assert req.sampling == SamplingSettings(max_new_tokens=8, temperature=0.5, top_p=1.0, seed=cfg.seed)
+    assert req.sampling == GenerationSettings(max_new_tokens=8, temperature=0.5, top_p=1.0, seed=cfg.seed)
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,9 @@ def vllm_app(ray_cluster, tiny_assets, tmp_root):
 def test_vllm_engine_completion_stream_and_parity(vllm_app):
     from openai import OpenAI
 
-    from blsp_ray.speech_lm import BlspChat, SamplingSettings
     from blsp_ray.config import ServeConfig
+    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.speech_lm import SpeechLM
     from serve.schemas import to_chat_request
 
     client = OpenAI(base_url=vllm_app["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -60,6 +61,6 @@ def test_vllm_engine_completion_stream_and_parity(vllm_app):
     assert streamed == text
     # Same conversation, same checkpoint, greedy: the transformers path gives the same reply.
     req = to_chat_request({"messages": messages, "max_tokens": 12, "temperature": 0}, ServeConfig(max_new_tokens=16))
-    chat = BlspChat.from_checkpoint(vllm_app["checkpoint"])
-    reference = "".join(chat.stream(chat.prompt_embeds(req.turns, req.header), SamplingSettings(12)))
+    chat = SpeechLM.from_checkpoint(vllm_app["checkpoint"], ServeConfig(engine="transformers"))
+    reference = "".join(chat.stream(chat.prompt_embeds(req.turns, req.header), GenerationSettings(12)))
     assert text == reference

@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from blsp_ray.config import PretrainedAssetsConfig
 from blsp_ray.io.storage import atomic_dir
@@ -116,7 +120,7 @@ def _write_source(directory: Path, source: dict, requirement: str) -> None:
 
 def _gguf_metadata(path: Path) -> dict:
     """The descriptive fields of a GGUF file (name, licence, architecture, quantisation)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # the `mini` extra: only this converter needs it
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -130,9 +134,6 @@ def _gguf_metadata(path: Path) -> dict:
 
 def convert_gguf_lm(gguf_path: Path, out_dir: Path, dtype: torch.dtype, source: dict) -> Path:
     """GGUF (llama architecture, any quantisation transformers can dequantise) -> HF LM dir + tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     info = _gguf_metadata(gguf_path)
     if info.get("general.architecture") != "llama":
         raise PackagedWeightsError(f"{gguf_path}: architecture {info.get('general.architecture')!r}, expected 'llama'")
@@ -215,8 +216,6 @@ def read_ctranslate2(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 def whisper_config_from_ct2(variables: dict[str, np.ndarray]):
     """The WhisperConfig the CTranslate2 tensors imply (sizes read off the weights, not assumed)."""
-    from transformers import WhisperConfig
-
     def n_layers(prefix: str) -> int:
         return len({k.split("/")[1] for k in variables if re.match(rf"{prefix}/layer_\d+/", k)})
 
@@ -270,9 +269,6 @@ def ct2_whisper_encoder_state(variables: dict[str, np.ndarray], d_model: int, la
 
 def convert_ct2_whisper_encoder(model_bin: Path, out_dir: Path, dtype: torch.dtype, source: dict) -> Path:
     """CTranslate2 Whisper ``model.bin`` -> HF WhisperEncoder dir + WhisperFeatureExtractor."""
-    from transformers import WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
     spec, variables = read_ctranslate2(model_bin)
     if spec != "WhisperSpec":
         raise PackagedWeightsError(f"{model_bin}: CTranslate2 spec {spec!r}, expected 'WhisperSpec'")
@@ -303,8 +299,6 @@ def build_pretrained_assets(cfg: PretrainedAssetsConfig) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == settings and (out / "lm").is_dir() and (out / "whisper").is_dir():
         log.info("pretrained assets up to date in %s", out)
         return out
-    import transformers
-
     dtype = getattr(torch, cfg.dtype)
     tool = {"converted_by": "blsp_ray.demo.pretrained", "transformers": transformers.__version__}
     started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Stage-2 objectives: cross-entropy on the continuation (the paper's) and the BLSP-KD response KL.
+"""Stage-2 objectives: cross-entropy on the continuation (the paper's), the BLSP-KD response KL,
+and the token-alignment warm-up.
 
 KL(teacher || student): the frozen LM reads the transcript (teacher) and the speech (student),
 each followed by the same continuation tokens; their next-token distributions are compared at
@@ -45,17 +46,6 @@ def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech
     return logits, labels[:, 1:][keep]
 
 
-def embedding_ctc(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
-                  transcript_lengths: torch.Tensor, blank_id: int) -> torch.Tensor:
-    """CTC of the transcript's tokens over the speech positions, each position scored against the LM's
-    own token embeddings [V, H] (no new output layer): pulls speech frames towards the embeddings of
-    the words spoken, which the frozen LM already reads. ``blank_id``: a token no transcript holds."""
-    table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
-    log_probs = F.log_softmax(speech_embeds.float() @ table.float().T, dim=-1)  # [B, S, V]
-    return F.ctc_loss(log_probs.transpose(0, 1), transcript_ids, speech_lengths, transcript_lengths,
-                      blank=blank_id, zero_infinity=True)  # clips too short for their transcript count 0
-
-
 def spread_transcript(token_chars: torch.Tensor, speech_lengths: torch.Tensor, num_positions: int) -> torch.Tensor:
     """Which transcript token is spoken at each speech position, assuming speech runs at an even
     pace in characters: token t covers its share of the clip in proportion to its characters.
@@ -72,31 +62,26 @@ def spread_transcript(token_chars: torch.Tensor, speech_lengths: torch.Tensor, n
 
 
 def token_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
-                    token_chars: torch.Tensor, loss: str = "vocab", negatives: int | None = None) -> torch.Tensor:
+                    token_chars: torch.Tensor, negatives: int | None = None) -> torch.Tensor:
     """Pull each speech position towards the LM's embedding of the transcript token spoken there
     (``spread_transcript``): a warm-up that gives the adapter's output the words' identity before
     the continuation objective, without running the LM.
 
-    ``vocab``: cross-entropy of the token among the whole vocabulary, scored against the LM's token
-    embeddings (discriminative: the token must be told apart from similar ones); ``cosine``: 1 - cosine
-    to the token's embedding. ``negatives`` (``vocab`` only): a sampled softmax over the batch's spoken
-    tokens plus this many drawn uniformly from the vocabulary, instead of all of it (the [N, V] product
-    is most of a step's cost; a uniform proposal needs no correction). speech_embeds [B, S, H];
-    transcript_ids, token_chars [B, T].
+    Cross-entropy of the token among the vocabulary, scored against the LM's token embeddings
+    (discriminative: the token must be told apart from similar ones). ``negatives``: a sampled
+    softmax over the batch's spoken tokens plus this many drawn uniformly from the vocabulary,
+    instead of all of it (the [N, V] product is most of a step's cost; a uniform proposal needs no
+    correction). speech_embeds [B, S, H]; transcript_ids, token_chars [B, T].
     """
     table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
     spoken = transcript_ids.gather(1, spread_transcript(token_chars, speech_lengths, speech_embeds.shape[1]))  # [B, S]
     keep = length_mask(speech_lengths, speech_embeds.shape[1])  # [B, S]
     frames, targets = speech_embeds[keep].float(), spoken[keep]  # [N, H], [N]
-    if loss == "vocab" and negatives:
+    if negatives:
         drawn = torch.randint(0, table.shape[0], (negatives,), device=targets.device)
         candidates = torch.unique(torch.cat([targets, drawn]))  # [C], sorted
         return F.cross_entropy(frames @ table[candidates].float().T, torch.searchsorted(candidates, targets))
-    if loss == "vocab":
-        return F.cross_entropy(frames @ table.float().T, targets)
-    if loss == "cosine":
-        return (1 - F.cosine_similarity(frames, table[targets].float(), dim=-1)).mean()
-    raise ValueError(f"unknown token alignment loss {loss!r} (vocab | cosine)")
+    return F.cross_entropy(frames @ table.float().T, targets)
 
 
 def stage2_objective(
@@ -108,8 +93,6 @@ def stage2_objective(
     ce_weight: float = 1.0,
     kl_weight: float = 1.0,
     temperature: float = 2.0,
-    ctc_weight: float = 0.0,
-    blank_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one stage-2 batch given adapter output ``speech_embeds`` [B, S, H] (lengths [B]).
 
@@ -135,9 +118,4 @@ def stage2_objective(
         loss = parts["kl"]
     else:
         loss = ce_weight * parts["ce"] + kl_weight * parts["kl"]
-    if ctc_weight > 0:
-        if blank_id is None:
-            raise ValueError("ctc_weight > 0 needs blank_id")
-        parts["ctc"] = embedding_ctc(blsp, speech_embeds, speech_lengths, batch["transcript_ids"], batch["transcript_lengths"], blank_id)
-        loss = loss + ctc_weight * parts["ctc"]
     return {"loss": loss, **parts}

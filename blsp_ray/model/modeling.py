@@ -1,4 +1,5 @@
-"""The BLSP model: frozen Whisper encoder -> conv subsampler -> bottleneck adapter -> LayerNorm -> frozen LM.
+"""The BLSP model: frozen Whisper encoder -> ``SpeechAdapter`` (conv subsampler -> bottleneck
+adapter -> LayerNorm, the only part stage 2 trains) -> frozen LM.
 
 Faithful to the original release's ``BlspModel`` (same sub-module and state-dict names:
 ``whisper_model.``, ``llama_model.``, ``subsampler.conv_layers.N.``, ``adapter.fc1/fc2``,
@@ -35,8 +36,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "blsp_adapter.json"
-ADAPTER_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
-WHISPER_HOP_LENGTH = 160  # samples per mel frame at 16 kHz
 
 
 class BlspConfig(PretrainedConfig):
@@ -76,6 +75,11 @@ def conv_output_lengths(lengths: torch.Tensor, num_layers: int = 1) -> torch.Ten
     for _ in range(num_layers):
         lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
     return lengths
+
+
+def subsampling_factor(num_conv_layers: int) -> int:
+    """Mel frames per speech embedding: Whisper's conv2 halves, each subsampler layer halves."""
+    return 2 ** (1 + num_conv_layers)
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -123,6 +127,46 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class SpeechAdapter(nn.Module):
+    """The trainable part of BLSP: Whisper states [B, T, d_whisper] -> LM-space embeddings [B, S, H].
+
+    Conv subsampler (S = T / 2^n) -> residual bottleneck adapter -> LayerNorm. Its state-dict keys
+    (``subsampler.``, ``adapter.``, ``speech_ln.``) are those of the same weights in ``BlspModel``,
+    so an adapter-only checkpoint is this module's state dict.
+    """
+
+    def __init__(self, subsampler: Conv1dSubsampler, adapter: Adapter, speech_ln: nn.LayerNorm):
+        super().__init__()
+        self.subsampler = subsampler
+        self.adapter = adapter
+        self.speech_ln = speech_ln
+
+    @classmethod
+    def create(cls, whisper_dim: int, hidden_size: int, kernel_sizes: list[int], inner_dim: int) -> SpeechAdapter:
+        """A freshly initialised adapter (PyTorch's default init)."""
+        return cls(
+            Conv1dSubsampler(whisper_dim, 2 * whisper_dim, hidden_size, kernel_sizes),
+            Adapter(hidden_size, inner_dim),
+            nn.LayerNorm(hidden_size, eps=1e-5),
+        )
+
+    @property
+    def subsampling_factor(self) -> int:
+        return subsampling_factor(len(self.subsampler.conv_layers))
+
+    @torch.no_grad()
+    def match_embedding_scale(self, lm: LlamaForCausalLM) -> None:
+        """Start the final LayerNorm's gain at the RMS of the LM's input embeddings, so speech enters
+        the LM at the scale of text (LayerNorm's default gain 1 puts it 7x above SmolLM2's token
+        embeddings, 60x above Llama-2's), not an order above it."""
+        self.speech_ln.weight.fill_(embedding_rms(lm))
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, d_whisper], lengths [B] -> embeds [B, S, H], lengths [B]."""
+        x, lengths = self.subsampler(hidden, lengths)
+        return self.speech_ln(self.adapter(x)), lengths
 
 
 @dataclass
@@ -183,11 +227,10 @@ class BlspModel(PreTrainedModel):
         super().__init__(config)
         self.whisper_model = whisper_model if whisper_model is not None else WhisperEncoder(config.whisper)
         self.llama_model = llama_model if llama_model is not None else LlamaForCausalLM(config.llama)
-        d_model = self.whisper_model.config.d_model
-        hidden = self.llama_model.config.hidden_size
-        self.subsampler = Conv1dSubsampler(d_model, 2 * d_model, hidden, config.kernel_sizes)
-        self.adapter = Adapter(hidden, config.adapter_inner_dim)
-        self.speech_ln = nn.LayerNorm(hidden, eps=1e-5)
+        fresh = self.fresh_speech_adapter()
+        # Registered on the model itself, under the original release's state-dict names;
+        # ``speech_adapter`` is the one module they make.
+        self.subsampler, self.adapter, self.speech_ln = fresh.subsampler, fresh.adapter, fresh.speech_ln
         for given in (llama_model, whisper_model):  # loaded weights: post_init must not re-initialise them
             for module in given.modules() if given is not None else ():
                 module._is_hf_initialized = True
@@ -206,14 +249,22 @@ class BlspModel(PreTrainedModel):
             module.eval()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES)}
+        """The speech adapter's weights, under the same keys as in this model's state dict."""
+        return self.speech_adapter.state_dict()
 
     # ---- speech -------------------------------------------------------------------------
 
     @property
-    def subsampling_factor(self) -> int:
-        """Mel frames per speech embedding: Whisper's conv2 halves, each subsampler layer halves."""
-        return 2 ** (1 + len(self.subsampler.conv_layers))
+    def speech_adapter(self) -> SpeechAdapter:
+        """The trainable part as one module (what stage 2 hands DeepSpeed): a view that shares
+        this model's ``subsampler``, ``adapter`` and ``speech_ln``, not a copy."""
+        return SpeechAdapter(self.subsampler, self.adapter, self.speech_ln)
+
+    def fresh_speech_adapter(self) -> SpeechAdapter:
+        """A newly initialised adapter of this model's shape, on the LM's device and in its dtype."""
+        adapter = SpeechAdapter.create(self.whisper_model.config.d_model, self.llama_model.config.hidden_size,
+                                       self.config.kernel_sizes, self.config.adapter_inner_dim)
+        return adapter.to(device=self.llama_model.device, dtype=self.llama_model.dtype)
 
     def encode_speech(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mel features -> Whisper hidden states [B, T, d_model] and their lengths [B]."""
@@ -222,13 +273,7 @@ class BlspModel(PreTrainedModel):
     def speech_embeddings(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mel features -> LM-space speech embeddings [B, S, hidden] and lengths [B]."""
         hidden, lengths = self.encode_speech(speech)
-        return self.adapt(hidden, lengths)
-
-    def adapt(self, encoder_hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trainable part: encoder states [B, T, d] -> [B, T / 2^n, hidden]."""
-        x, lengths = self.subsampler(encoder_hidden, lengths)
-        x = self.speech_ln(self.adapter(x))
-        return x, lengths
+        return self.speech_adapter(hidden, lengths)
 
     # ---- splicing ---------------------------------------------------------------------------
 
@@ -340,6 +385,14 @@ class BlspModel(PreTrainedModel):
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """The adapter weights of a ``save_adapter`` checkpoint, into this model (strict: every key fits)."""
+        path = Path(directory) / ADAPTER_WEIGHTS
+        try:
+            self.speech_adapter.load_state_dict(load_file(path))
+        except RuntimeError as err:
+            raise ValueError(f"{directory}: adapter checkpoint does not fit: {err}") from None
+
 
 def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face checkpoint directory (safetensors shards or pytorch_model.bin)."""
@@ -386,12 +439,8 @@ def build_blsp_from_parts(
     dtype: torch.dtype = torch.float32,
     match_embedding_scale: bool = False,
 ) -> BlspModel:
-    """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter.
-
-    ``match_embedding_scale``: the adapter's final LayerNorm starts with gain = RMS of the LM's
-    input embeddings, so speech enters the LM at the scale of text (LayerNorm's default gain 1
-    puts it 7x above SmolLM2's token embeddings, 60x above Llama-2's), not an order above it.
-    """
+    """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter
+    (``match_embedding_scale``: see ``SpeechAdapter.match_embedding_scale``)."""
     llama = LlamaForCausalLM.from_pretrained(lm_path, dtype=dtype)
     whisper = load_whisper_encoder(whisper_path, dtype)
     config = BlspConfig(
@@ -403,14 +452,28 @@ def build_blsp_from_parts(
     )
     model = BlspModel(config, llama_model=llama, whisper_model=whisper)
     if match_embedding_scale:
-        with torch.no_grad():
-            model.speech_ln.weight.fill_(embedding_rms(llama))
+        model.speech_adapter.match_embedding_scale(llama)
     return model.to(dtype)
 
 
 def embedding_rms(lm: LlamaForCausalLM) -> float:
     """Root mean square of the LM's input token embeddings: the scale text enters the LM at."""
     return float(lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+
+
+def adapter_metadata(path: str | os.PathLike) -> dict | None:
+    """The ``blsp_adapter.json`` of an adapter-only checkpoint (bases, adapter shape, audio
+    settings); None for a full checkpoint. The one reader of that file."""
+    meta_file = Path(path) / ADAPTER_CONFIG
+    return json.loads(meta_file.read_text()) if meta_file.exists() else None
+
+
+def checkpoint_bases(path: str | os.PathLike) -> tuple[str, str]:
+    """(LM dir, Whisper dir) holding the tokenizer and feature extractor of a BLSP checkpoint."""
+    meta = adapter_metadata(path)
+    if meta is not None:
+        return meta["lm_path"], meta["whisper_path"]
+    return str(path), str(path)  # a full checkpoint carries both
 
 
 def load_blsp(path: str | os.PathLike, dtype: torch.dtype = torch.float32, pad_audio_to_30s: bool | None = None) -> BlspModel:
@@ -420,16 +483,12 @@ def load_blsp(path: str | os.PathLike, dtype: torch.dtype = torch.float32, pad_a
     key names are the same. ``pad_audio_to_30s`` overrides what the checkpoint recorded.
     """
     path = Path(path)
-    if (path / ADAPTER_CONFIG).exists():
-        meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    meta = adapter_metadata(path)
+    if meta is not None:
         if pad_audio_to_30s is not None:
             meta["pad_audio_to_30s"] = pad_audio_to_30s
         model = build_blsp_from_parts(**meta, dtype=dtype)
-        state = load_file(path / ADAPTER_WEIGHTS)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        adapter_missing = [k for k in missing if k.startswith(ADAPTER_PREFIXES)]
-        if adapter_missing or unexpected:
-            raise ValueError(f"{path}: adapter checkpoint does not fit: missing {adapter_missing}, unexpected {unexpected}")
+        model.load_adapter(path)
         return model
     kwargs = {} if pad_audio_to_30s is None else {"pad_audio_to_30s": pad_audio_to_30s}
     return BlspModel.from_pretrained(path, dtype=dtype, **kwargs)

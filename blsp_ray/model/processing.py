@@ -15,6 +15,7 @@ from blsp_ray.model.modeling import SpeechBatch
 from blsp_ray.model.prompts import speech_prompt_parts, text_prompt
 
 IGNORE = -100
+HOP_LENGTH = 160  # samples per Whisper log-mel frame at SAMPLE_RATE (10 ms)
 
 
 def as_ids(value) -> list[int]:
@@ -55,6 +56,9 @@ def log_mel(
 
     F is the longest clip's frame count, or 3000 (30 s) with ``pad_audio_to_30s``, as the original.
     """
+    if (feature_extractor.sampling_rate, feature_extractor.hop_length) != (SAMPLE_RATE, HOP_LENGTH):
+        raise ValueError(f"Whisper features at {feature_extractor.sampling_rate} Hz, hop {feature_extractor.hop_length}: "
+                         f"this library reads {SAMPLE_RATE} Hz audio with a {HOP_LENGTH}-sample hop")
     waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
     feats = feature_extractor(
         waveforms,
@@ -63,8 +67,7 @@ def log_mel(
         return_tensors="pt",
     )["input_features"]
     # The STFT yields n_samples // hop frames (its attention mask counts one more for a partial hop).
-    hop = feature_extractor.hop_length
-    lengths = torch.tensor([len(w) // hop for w in waveforms]).clamp(1, feats.shape[-1])
+    lengths = torch.tensor([len(w) // HOP_LENGTH for w in waveforms]).clamp(1, feats.shape[-1])
     return SpeechBatch(features=feats, frame_lengths=lengths)
 
 

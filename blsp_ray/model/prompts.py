@@ -1,8 +1,9 @@
-"""The seed's prompt format, shared by stage 1, labelling, stage 2 and inference."""
+"""The original release's prompt format, shared by stage 1, labelling, stage 2 and inference."""
+
+from blsp_ray.config import CONTINUATION_INSTRUCTION
 
 HUMAN = "###[Human]:"
 ASSISTANT = "\n\n\n###[Assistant]:"
-CONTINUATION_INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
 
 
 def text_prompt(instruction: str) -> str:
@@ -20,11 +21,11 @@ def speech_prompt_parts(instruction: str) -> tuple[str, str]:
     return f"{HUMAN}{instruction}", ASSISTANT
 
 
-CHAT_TURN_END = "\n\n\n"  # the seed's chat demo closes each assistant reply with this before the next turn
+CHAT_TURN_END = "\n\n\n"  # the original release's chat demo closes each assistant reply with this before the next turn
 
 
 def chat_turn_parts(instruction: str, reply: str | None = None, header: str = "") -> tuple[str, str]:
-    """One turn of a multi-turn chat, as the seed's chat demo lays it out.
+    """One turn of a multi-turn chat, as the original release's chat demo lays it out.
 
     The turn's speech (if any) goes between the two strings, exactly as in ``speech_prompt_parts``;
     a past turn's suffix carries the assistant's ``reply``; ``header`` (a system prompt) opens the

@@ -1,13 +1,13 @@
 """Continuation labelling: the stage-1 LM continues every ASR transcript, exactly once, resumably.
 
-The seed ran ``asr_text_generation.py continue_writing`` as hand-started processes over
+The original release ran ``asr_text_generation.py continue_writing`` as hand-started processes over
 contiguous manifest ranges. Here one Ray Data job does it:
 
   shard plan (driver)  ->  read + prompt (CPU tasks)  ->  engine replicas (actor pool)  ->  commit (driver)
 
-* A shard is ``rows_per_shard`` consecutive lines of one manifest, keyed by manifest + first line.
-  Its output is ``<labels>/<key>.parquet`` (labelled rows) and then ``<stats>/<key>.json`` (its
-  counts); the stats file is the commit marker. Both are written atomically, so a job killed at
+* Shards come from ``blsp_ray.io.shards`` (``rows_per_shard`` consecutive lines of one manifest).
+  A shard's output is ``<labels>/<key>.parquet`` (labelled rows) and then ``<stats>/<key>.json``
+  (its counts): the stats file is the commit marker. Both are written atomically, so a job killed at
   any point leaves whole shards only, and a rerun plans only the shards without a marker.
 * Ray Data streams rows from the actors back to the driver, which commits a shard as soon as all
   of its rows are back: work done before a kill is kept, shard by shard.
@@ -24,71 +24,34 @@ internally, so throughput is the engine's (see benchmarks/label_throughput.py).
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import logging
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict
 from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+from transformers import AutoTokenizer
 
-from blsp_ray.runtime import init_ray
+from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
+from blsp_ray.drops import DropReason, RowDropped
 from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool
 from blsp_ray.io.layout import RunLayout, join
-from blsp_ray.model.prompts import continuation_prompt
+from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
 from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
-from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.model.prompts import continuation_prompt
+from blsp_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
 CONTINUATION = "continuation"
-ROW_ID = "label_id"  # "<manifest name>:<line number>": stable across reruns
-
-
-class Drop:
-    """Why a manifest line was not labelled."""
-
-    BAD_ROW = "bad_row"  # not a JSON object
-    MISSING_TEXT = "missing_text"  # no "text" key, or not a string
-    EMPTY_TEXT = "empty_text"  # empty or whitespace only
-    PROMPT_TOO_LONG = "prompt_too_long"  # prompt tokens >= max_prompt_tokens (the seed's filter)
-
-
-@dataclass(frozen=True)
-class Shard:
-    key: str
-    manifest: str
-    start: int  # first line (0-based, counting blank lines too)
-    stop: int  # one past the last line
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def shard_key(manifest: str, start: int) -> str:
-    stem = PurePosixPath(manifest).stem
-    digest = hashlib.sha1(manifest.encode()).hexdigest()[:8]  # two manifests may share a name
-    return f"{stem}-{digest}-{start:09d}"
-
-
-def _lines(manifest: str, s3: S3Config | None) -> list[str]:
-    with open_input(manifest, s3) as f:
-        return io.TextIOWrapper(f, encoding="utf-8", errors="replace").read().splitlines()
-
-
-def plan_shards(manifests: list[str], rows_per_shard: int, s3: S3Config | None = None) -> list[Shard]:
-    """Fixed line ranges of each manifest: the same manifests always give the same shards."""
-    shards = []
-    for m in manifests:
-        n = len(_lines(m, s3))
-        shards += [Shard(shard_key(m, s), m, s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
-    return shards
+ROW_ID = "label_id"  # "<manifest name>:<0-based line number>": stable across reruns
+STATS_SUFFIX = ".json"
 
 
 # ---- stage 1: read + prompt (CPU tasks) ------------------------------------------------------------
@@ -96,48 +59,44 @@ def plan_shards(manifests: list[str], rows_per_shard: int, s3: S3Config | None =
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(lm_path: str):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(lm_path)
 
 
-def prompt_row(line: str, tokenizer, instruction: str, max_prompt_tokens: int) -> tuple[dict | None, list[int] | str]:
-    """A manifest line -> (row, prompt ids) or (row or None, drop reason)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None, Drop.BAD_ROW
-    if not isinstance(row, dict):
-        return None, Drop.BAD_ROW
+def prompt_ids(row: dict, tokenizer, instruction: str, max_prompt_tokens: int) -> list[int]:
+    """A manifest row -> the token ids of its continuation prompt; RowDropped if it has none."""
     text = row.get("text")
     if not isinstance(text, str):
-        return row, Drop.MISSING_TEXT
+        raise RowDropped(DropReason.MISSING_TEXT, "no string `text`")
     if not text.strip():
-        return row, Drop.EMPTY_TEXT
+        raise RowDropped(DropReason.EMPTY_TEXT, "`text` is empty")
     ids = tokenizer(continuation_prompt(text.strip(), instruction))["input_ids"]
     if not 0 < len(ids) < max_prompt_tokens:
-        return row, Drop.PROMPT_TOO_LONG
-    return row, ids
+        raise RowDropped(DropReason.PROMPT_TOO_LONG, f"{len(ids)} prompt tokens, label.max_prompt_tokens is {max_prompt_tokens}")
+    return ids
 
 
 def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None) -> list[dict]:
-    """One shard's lines -> one row per line: kept rows carry prompt ids, dropped rows a reason."""
+    """One shard -> one row per row of it: kept rows carry prompt ids, dropped rows a reason and its detail."""
     shard = Shard(**item)
     s3 = S3Config(**s3) if s3 else None
     tokenizer = _tokenizer(local_copy(lm_path, s3))  # this task's node may not have the checkpoint yet
-    name = PurePosixPath(shard.manifest).name
-    lines = _lines(shard.manifest, s3)[shard.start : shard.stop]
+    name = PurePosixPath(shard.input).name
     out = []
-    for i, line in enumerate(lines, start=shard.start):
-        base = {"shard": shard.key, ROW_ID: f"{name}:{i}", "source_json": line, "prompt_json": "[]", "drop_reason": ""}
-        if not line.strip():
-            out.append({**base, "drop_reason": Drop.BAD_ROW})
+
+    def base(n: int, row: dict | None) -> dict:
+        return {"shard": shard.key, ROW_ID: f"{name}:{n}", "source_json": json.dumps(row) if row is not None else "",
+                "prompt_json": "[]", "drop_reason": "", "drop_detail": ""}
+
+    def drop(n: int, err: RowDropped, row: dict | None = None) -> None:
+        out.append({**base(n, row), "drop_reason": err.reason.value, "drop_detail": err.detail})
+
+    for n, row in read_rows(shard, s3, drop):
+        try:
+            ids = prompt_ids(row, tokenizer, instruction, max_prompt_tokens)
+        except RowDropped as err:
+            drop(n, err, row)
             continue
-        row, ids_or_reason = prompt_row(line, tokenizer, instruction, max_prompt_tokens)
-        if isinstance(ids_or_reason, str):
-            out.append({**base, "drop_reason": ids_or_reason})
-        else:
-            out.append({**base, "prompt_json": json.dumps(ids_or_reason)})  # str: one column type in every block
+        out.append({**base(n, row), "prompt_json": json.dumps(ids)})  # str: one column type in every block
     return out
 
 
@@ -164,6 +123,7 @@ class ContinuationLabeller:
             ROW_ID: batch[ROW_ID],
             "source_json": batch["source_json"],
             "drop_reason": batch["drop_reason"],
+            "drop_detail": batch["drop_detail"],
             "prompt_tokens": [len(p) for p in prompts],
             CONTINUATION: texts,
             "generated_tokens": tokens,
@@ -174,51 +134,48 @@ class ContinuationLabeller:
 # ---- stage 3: commit (driver) ------------------------------------------------------------------------
 
 
-@dataclass
-class ShardStats:
-    rows_in: int = 0
-    labelled: int = 0
-    tokens_generated: int = 0
-    dropped: dict | None = None
+def _line(row: dict) -> int:
+    return int(row[ROW_ID].rsplit(":", 1)[1])
 
 
 class ShardWriter:
     """Collects rows per shard and commits a shard once all of its rows have arrived."""
 
     def __init__(self, shards: list[Shard], labels_dir: str, stats_dir: str, settings_columns: dict, s3: S3Config | None):
-        self.expected = {s.key: s.size for s in shards}
+        self.shards = {s.key: s for s in shards}
         self.pending: dict[str, list[dict]] = defaultdict(list)
         self.labels_dir, self.stats_dir, self.s3 = labels_dir, stats_dir, s3
         self.settings_columns = settings_columns
         self.committed = 0
 
-    def add(self, row: dict) -> ShardStats | None:
+    def add(self, row: dict) -> Summary | None:
         key = row["shard"]
         self.pending[key].append(row)
-        if len(self.pending[key]) < self.expected[key]:
+        if len(self.pending[key]) < self.shards[key].rows:
             return None
-        return self._commit(key, self.pending.pop(key))
+        return self.commit(self.shards[key], self.pending.pop(key))
 
-    def _commit(self, key: str, rows: list[dict]) -> ShardStats:
-        rows.sort(key=lambda r: int(r[ROW_ID].rsplit(":", 1)[1]))  # manifest order within a shard
-        labelled, dropped = [], Counter()
+    def commit(self, shard: Shard, rows: list[dict]) -> Summary:
+        """Write the shard's labelled rows, then its counts (the commit marker)."""
+        rows.sort(key=_line)  # manifest order within a shard
+        summary, labelled = Summary(), []
         for r in rows:
             if r["drop_reason"]:
-                dropped[r["drop_reason"]] += 1
+                summary.drop(RowDropped(r["drop_reason"], r["drop_detail"]), shard.where(_line(r)))
                 continue
             labelled.append({**json.loads(r["source_json"]), ROW_ID: r[ROW_ID], CONTINUATION: r[CONTINUATION],
                              "prompt_tokens": int(r["prompt_tokens"]), "generated_tokens": int(r["generated_tokens"]),
                              "finish_reason": r["finish_reason"], **self.settings_columns})
-        stats = ShardStats(len(rows), len(labelled), sum(r["generated_tokens"] for r in labelled), dict(dropped))
+        summary.kept = len(labelled)
         if labelled:  # a shard whose rows were all dropped has only its stats file
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(labelled), buf)
-            with open_output(join(self.labels_dir, f"{key}.parquet"), "wb", self.s3) as f:
+            with open_output(join(self.labels_dir, f"{shard.key}.parquet"), "wb", self.s3) as f:
                 f.write(buf.getvalue())
-        with open_output(join(self.stats_dir, f"{key}.json"), "w", self.s3) as f:  # the commit marker
-            f.write(json.dumps(asdict(stats)))
+        summary.write(join(self.stats_dir, shard.key + STATS_SUFFIX),
+                      {"tokens_generated": sum(r["generated_tokens"] for r in labelled)}, self.s3)
         self.committed += 1
-        return stats
+        return summary
 
 
 # ---- the job ------------------------------------------------------------------------------------------
@@ -261,19 +218,22 @@ def run_label(cfg: BlspRayConfig) -> dict:
     layout = RunLayout.of(cfg)
     manifests = input_manifests(cfg)
     shards = plan_shards(manifests, lc.rows_per_shard, s3)
-    done = {n[: -len(".json")] for n in list_dir(stats_dir(cfg), s3) if n.endswith(".json")}
+    done = committed(shards, stats_dir(cfg), STATS_SUFFIX, s3)
     todo = [s for s in shards if s.key not in done]
     model_path = labelling_model(cfg)  # local path or s3:// URI: the workers make their own local copies
     settings = GenerationSettings.from_config(lc)
     log.info("labelling %d manifests: %d shards, %d already done, %d to do; model %s, engine %s",
-             len(manifests), len(shards), len(shards) - len(todo), len(todo), model_path, lc.engine)
+             len(manifests), len(shards), len(done), len(todo), model_path, lc.engine)
 
+    writer = ShardWriter(todo, layout.labels, stats_dir(cfg), settings.columns(lc.engine), s3)
+    for s in todo:
+        if not s.rows:  # blank lines only: nothing to label, committed as it is
+            writer.commit(s, [])
+    with_rows = [s for s in todo if s.rows]
     rows_done = tokens_done = 0
-    if todo:
-        import ray
-
+    if with_rows:
         init_ray(cfg)
-        ds = ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([asdict(s) for s in with_rows], override_num_blocks=len(with_rows))
         ds = ds.flat_map(read_shard, fn_kwargs=dict(lm_path=model_path, instruction=lc.instruction,
                                                      max_prompt_tokens=lc.max_prompt_tokens,
                                                      s3=s3.model_dump() if s3 else None), num_cpus=0.5)
@@ -286,7 +246,6 @@ def run_label(cfg: BlspRayConfig) -> dict:
             num_gpus=lc.gpus_per_replica,
             resources=dict(lc.resources_per_replica) or None,
         )
-        writer = ShardWriter(todo, layout.labels, stats_dir(cfg), settings.columns(lc.engine), s3)
         t_run, last = time.time(), time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
@@ -302,33 +261,32 @@ def run_label(cfg: BlspRayConfig) -> dict:
         if writer.pending:
             raise RuntimeError(f"shards incomplete after the job: {sorted(writer.pending)[:5]}")
 
-    summary = _summarise(cfg, shards, s3)
-    summary.update(wall_s=round(time.time() - t0, 2), shards_total=len(shards), shards_this_run=len(todo),
-                   rows_this_run=rows_done, tokens_this_run=tokens_done,
-                   tokens_per_s_this_run=round(tokens_done / max(time.time() - t0, 1e-9), 2),
-                   engine=lc.engine, model=model_path, settings=asdict(settings), output=layout.labels)
-    with open_output(summary_path(cfg), "w", s3) as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
+    total, tokens, n_committed = _summarise(cfg, shards, s3)
+    extra = dict(rows_in=total.kept + total.dropped_total, labelled=total.kept, tokens_generated=tokens,
+                 shards_committed=n_committed, wall_s=round(time.time() - t0, 2), shards_total=len(shards),
+                 shards_this_run=len(todo), rows_this_run=rows_done, tokens_this_run=tokens_done,
+                 tokens_per_s_this_run=round(tokens_done / max(time.time() - t0, 1e-9), 2),
+                 engine=lc.engine, model=model_path, settings=asdict(settings), output=layout.labels)
+    summary = total.write(summary_path(cfg), extra, s3)
     print(f"[label] rows in {summary['rows_in']}, labelled {summary['labelled']}, dropped {summary['dropped']}, "
           f"tokens {summary['tokens_generated']}, wall {summary['wall_s']}s "
           f"({len(todo)} of {len(shards)} shards this run) -> {layout.labels}", flush=True)
     return summary
 
 
-def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> dict:
-    """Totals over every committed shard of the run (this run's and earlier runs')."""
-    total, dropped = Counter(), Counter()
+def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> tuple[Summary, int, int]:
+    """Totals over every committed shard of the run (this run's and earlier runs'): counts, tokens, shards."""
+    total, tokens, n = Summary(), 0, 0
+    done = committed(shards, stats_dir(cfg), STATS_SUFFIX, s3)
     for s in shards:
-        path = join(stats_dir(cfg), f"{s.key}.json")
-        if not exists(path, s3):
+        if s.key not in done:
             continue
-        with open_input(path, s3) as f:
-            st = json.loads(f.read())
-        total.update(rows_in=st["rows_in"], labelled=st["labelled"], tokens_generated=st["tokens_generated"], shards_committed=1)
-        dropped.update(st["dropped"] or {})
-    return {"rows_in": total["rows_in"], "labelled": total["labelled"], "dropped": dict(sorted(dropped.items())),
-            "dropped_total": sum(dropped.values()), "tokens_generated": total["tokens_generated"],
-            "shards_committed": total["shards_committed"]}
+        with open_input(join(stats_dir(cfg), s.key + STATS_SUFFIX), s3) as f:
+            stats = json.loads(f.read())
+        total.merge(stats)
+        tokens += stats["tokens_generated"]
+        n += 1
+    return total, tokens, n
 
 
 # ---- entry point: jobs/label.py ----

@@ -11,9 +11,9 @@ config (``<run dir>/config.yaml``, which every job reads) live there, through bl
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from ray.job_submission import JobStatus, JobSubmissionClient
 
-from blsp_ray.config import BlspRayConfig
+from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.config import BlspRayConfig, resolve_paths
 from blsp_ray.io.layout import COMPLETE, RunLayout, join
 from blsp_ray.io.storage import exists, is_s3, write_text
-import signal
-import sys
-from blsp_ray.cli import job_parser, load_job_config
-
-log = logging.getLogger(__name__)
+from blsp_ray.runtime import job_env, start_local_cluster
 
 
 def _generate_args(cfg: BlspRayConfig, run: RunLayout) -> list[str]:
@@ -76,36 +74,13 @@ def run_dir(cfg: BlspRayConfig) -> str:
     return root if is_s3(root) else str(Path(root).resolve())
 
 
-def _absolute_paths(cfg: BlspRayConfig) -> dict:
-    """The config as a dict with local relative paths made absolute: jobs may run in another cwd."""
-    data = cfg.model_dump(mode="json")
-
-    def fix(node):
-        if isinstance(node, dict):
-            return {k: fix(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fix(v) for v in node]
-        if isinstance(node, str) and "://" not in node and not node.startswith("/") and ("/" in node or node in {"runs", "data", "assets"}):
-            return str(Path(node).resolve())
-        return node
-
-    for key in ("cluster", "model", "assets", "pretrained", "speech", "data", "label", "generate", "serve"):
-        if data.get(key) is not None:
-            data[key] = fix(data[key])
-    data["cluster"]["cluster_file"] = cfg.cluster.cluster_file  # a file of the repo, not an output
-    return data
-
-
 def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[str]:
     """Run every stage not yet complete; returns the names of the stages run this time."""
-    from ray.job_submission import JobSubmissionClient
-
-    from blsp_ray.runtime import job_env, start_local_cluster
-
+    cfg = resolve_paths(cfg, Path.cwd())  # jobs run in another directory
     stages = [s for s in (stages or STAGES) if s.enabled(cfg)]
     root, s3 = run_dir(cfg), cfg.cluster.s3
     config_path = join(root, "config.yaml")
-    write_text(config_path, yaml.safe_dump(_absolute_paths(cfg), sort_keys=False), s3)
+    write_text(config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), s3)
 
     local = None
     address = cfg.cluster.address
@@ -132,8 +107,6 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
 
 
 def _run_stage(client, stage: Stage, config_path: str, args: list[str], env_vars: dict[str, str]) -> None:
-    from ray.job_submission import JobStatus
-
     command = [sys.executable, "-m", stage.module, "--config", config_path, *args]
     entrypoint = " ".join(shlex.quote(c) for c in command)
     t0 = time.time()

@@ -1,4 +1,4 @@
-"""Alpaca instruction data -> stage-1 jsonl ``{"instruction", "output"}`` in the seed's format.
+"""Alpaca instruction data -> stage-1 jsonl ``{"instruction", "output"}`` in the original release's format.
 
 52k rows fit comfortably in one process; this job needs no Ray.
 """
@@ -7,34 +7,30 @@ from __future__ import annotations
 
 import json
 
-from blsp_ray.config import S3Config
-from blsp_ray.io.shards import DropReason, Summary
-from blsp_ray.text import alpaca_instruction, strip_nonprintable
-from blsp_ray.io.storage import open_input, open_output
 from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.config import S3Config
+from blsp_ray.drops import DropReason, RowDropped
 from blsp_ray.io.layout import RunLayout
+from blsp_ray.io.shards import Summary
+from blsp_ray.io.storage import open_input, open_output
+from blsp_ray.text import alpaca_instruction, strip_nonprintable
 
 
 def summary_path(output: str) -> str:
     return output.rsplit(".", 1)[0] + ".summary.json"
 
 
-def alpaca_rows(records: list, summary: Summary):
-    for i, rec in enumerate(records):
-        label = f"alpaca[{i}]"
-        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not isinstance(rec.get("output"), str):
-            summary.drop(DropReason.BAD_ROW, f"{label}: needs string `instruction` and `output`")
-            continue
-        if rec.get("input") is not None and not isinstance(rec["input"], str):
-            summary.drop(DropReason.BAD_ROW, f"{label}: `input` is not a string")
-            continue
-        instruction = alpaca_instruction(rec["instruction"], rec.get("input") or "")
-        output = strip_nonprintable(rec["output"]).strip()
-        if not instruction or not output:
-            summary.drop(DropReason.NO_TEXT, f"{label}: empty instruction or output")
-            continue
-        summary.kept += 1
-        yield {"instruction": instruction, "output": output}
+def alpaca_row(rec) -> dict:
+    """An Alpaca record -> a stage-1 row; RowDropped if it cannot be one."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not isinstance(rec.get("output"), str):
+        raise RowDropped(DropReason.BAD_ROW, "needs string `instruction` and `output`")
+    if rec.get("input") is not None and not isinstance(rec["input"], str):
+        raise RowDropped(DropReason.BAD_ROW, "`input` is not a string")
+    instruction = alpaca_instruction(rec["instruction"], rec.get("input") or "")
+    output = strip_nonprintable(rec["output"]).strip()
+    if not instruction or not output:
+        raise RowDropped(DropReason.NO_TEXT, "empty instruction or output")
+    return {"instruction": instruction, "output": output}
 
 
 def prepare_alpaca(alpaca_json: str, output: str, s3: S3Config | None = None) -> dict:
@@ -48,8 +44,14 @@ def prepare_alpaca(alpaca_json: str, output: str, s3: S3Config | None = None) ->
         raise ValueError(f"{alpaca_json}: expected a JSON list of {{instruction, input, output}}")
     summary = Summary()
     with open_output(output, "w", s3) as out:
-        for row in alpaca_rows(records, summary):
+        for i, rec in enumerate(records):
+            try:
+                row = alpaca_row(rec)
+            except RowDropped as err:
+                summary.drop(err, f"{alpaca_json}: record {i + 1}")
+                continue
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            summary.kept += 1
     return summary.report("prepare_alpaca", summary_path(output), {"input": alpaca_json, "output": output}, s3)
 
 

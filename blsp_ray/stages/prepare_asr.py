@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import soundfile as sf
+import ray
 
-from blsp_ray.model.audio import AudioError
-from blsp_ray.runtime import init_ray
-from blsp_ray.config import BlspRayConfig
-from blsp_ray.io.shards import DropReason, Summary, quiet_ray_data
-from blsp_ray.text import gigaspeech_text, normalize_english
-from blsp_ray.io.layout import RunLayout, join
-from blsp_ray.io.storage import open_output
 from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.config import BlspRayConfig
+from blsp_ray.drops import DropReason, RowDropped
+from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.io.shards import Summary, quiet_ray_data
+from blsp_ray.io.storage import open_output
+from blsp_ray.model.audio import probe
+from blsp_ray.runtime import init_ray
+from blsp_ray.text import gigaspeech_text, normalize_english
 
 log = logging.getLogger(__name__)
 
@@ -31,41 +31,28 @@ SOURCES = ("librispeech", "gigaspeech", "commonvoice")
 _TSV_LINES_PER_UNIT = 2000
 
 
-def probe(path: str, label: str) -> sf._SoundFileInfo:
-    """Header of an audio file; AudioError (missing_file / undecodable / empty) if unusable."""
-    if not os.path.exists(path):
-        raise AudioError("missing_file", label)
-    try:
-        info = sf.info(path)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-        raise AudioError("undecodable", f"{label}: {err}") from None
-    if info.frames <= 0:
-        raise AudioError("empty", label)
-    return info
-
-
-def _decode_line(raw: bytes | str, label: str) -> str:
-    """A text line as str; AudioError-like drop for bad UTF-8 (surrogate-escaped or raw bytes)."""
+def _decode_line(raw: bytes | str) -> str:
+    """A text line as str; RowDropped (bad_utf8) for bad UTF-8 (raw bytes, or surrogate-escaped by the driver)."""
     try:
         if isinstance(raw, bytes):
             return raw.decode("utf-8")
         raw.encode("utf-8")  # surrogateescape'd bytes from the driver fail here
         return raw
     except UnicodeError:
-        raise _Drop(DropReason.BAD_UTF8, f"{label}: transcript is not valid UTF-8") from None
+        raise RowDropped(DropReason.BAD_UTF8, "transcript is not valid UTF-8") from None
 
 
-class _Drop(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def _row(audio: str, text: str, duration: float, source: str, row_id: str, label: str) -> dict:
+def _kept(audio: str, text: str, duration: float, source: str, row_id: str) -> dict:
+    """A manifest row as the workers send it to the driver; RowDropped (no_text) if its transcript normalises away."""
     norm = normalize_english(text)
     if not norm.strip():
-        raise _Drop(DropReason.NO_TEXT, f"{label}: transcript empty after normalisation ({text!r})")
-    return {"audio": audio, "text": norm, "duration": round(duration, 4), "source": source, "id": row_id}
+        raise RowDropped(DropReason.NO_TEXT, f"transcript empty after normalisation ({text!r})")
+    row = {"audio": audio, "text": norm, "duration": round(duration, 4), "source": source, "id": row_id}
+    return {"row": json.dumps(row, ensure_ascii=False), "reason": "", "where": "", "detail": ""}
+
+
+def _dropped(where: str, err: RowDropped) -> dict:
+    return {"row": "", "reason": err.reason.value, "where": where, "detail": err.detail}
 
 
 # ---- work units (driver side: listing only, no audio touched) --------------------------------------
@@ -92,7 +79,7 @@ def gigaspeech_units(root: str, metadata: str, subset: str) -> Iterator[dict]:
             if subset in s.get("subsets", audio.get("subsets", []))
         ]
         if segments:
-            yield {"kind": "gigaspeech", "path": str((Path(root) / audio["path"]).resolve()),
+            yield {"kind": "gigaspeech", "metadata": str(meta_path), "path": str((Path(root) / audio["path"]).resolve()),
                    "sample_rate": audio.get("sample_rate"), "segments": segments}
 
 
@@ -116,78 +103,69 @@ def commonvoice_units(root: str, tsv: str) -> Iterator[dict]:
 # ---- rows of a unit (worker side) ---------------------------------------------------------------------
 
 
-def _librispeech_rows(unit: dict) -> Iterator[dict | _Drop]:
+def _librispeech_rows(unit: dict) -> Iterator[dict]:
     trans = Path(unit["trans"])
     for n, raw in enumerate(trans.read_bytes().splitlines(), start=1):
-        label = f"{trans}:{n}"
+        where = f"{trans}:{n}"
         try:
-            line = _decode_line(raw, label).strip()
+            line = _decode_line(raw).strip()
             if not line:
                 continue
             utt_id, _, text = line.partition(" ")
             flac = str(trans.parent / f"{utt_id}.flac")
             info = probe(flac, flac)
-            yield _row(flac, text, info.frames / info.samplerate, "librispeech", utt_id, label)
-        except (AudioError, _Drop) as err:
-            yield err if isinstance(err, _Drop) else _Drop(err.reason, str(err))
+            yield _kept(flac, text, info.frames / info.samplerate, "librispeech", utt_id)
+        except RowDropped as err:
+            yield _dropped(where, err)
 
 
-def _gigaspeech_rows(unit: dict) -> Iterator[dict | _Drop]:
+def _gigaspeech_rows(unit: dict) -> Iterator[dict]:
     path = unit["path"]
     try:
         info = probe(path, path)
-    except AudioError as err:
+    except RowDropped as err:
         for seg in unit["segments"]:
-            yield _Drop(err.reason, f"{seg['sid']}: {err}")
+            yield _dropped(f"{unit['metadata']}: segment {seg['sid']}", err)
         return
     rate = unit.get("sample_rate") or info.samplerate
     for seg in unit["segments"]:
-        label = f"{seg['sid']} ({path})"
+        where = f"{unit['metadata']}: segment {seg['sid']}"
         start = round(seg["begin_time"] * rate)
         frames = round((seg["end_time"] - seg["begin_time"]) * rate)
         try:
             if frames <= 0:
-                raise _Drop("empty", f"{label}: segment has no frames")
+                raise RowDropped(DropReason.EMPTY, "segment has no frames")
             if start + frames > info.frames:
-                raise _Drop(DropReason.TRUNCATED, f"{label}: segment ends at frame {start + frames}, file has {info.frames}")
-            yield _row(f"{path}:{start}:{frames}", gigaspeech_text(_decode_line(seg["text_tn"], label)), frames / rate,
-                       "gigaspeech", seg["sid"], label)
-        except _Drop as err:
-            yield err
+                raise RowDropped(DropReason.TRUNCATED, f"segment ends at frame {start + frames}, {path} has {info.frames}")
+            yield _kept(f"{path}:{start}:{frames}", gigaspeech_text(_decode_line(seg["text_tn"])), frames / rate,
+                        "gigaspeech", seg["sid"])
+        except RowDropped as err:
+            yield _dropped(where, err)
 
 
-def _commonvoice_rows(unit: dict) -> Iterator[dict | _Drop]:
+def _commonvoice_rows(unit: dict) -> Iterator[dict]:
     header, clips = unit["header"], Path(unit["root"]) / "clips"
     for n, line in enumerate(unit["lines"], start=unit["first_line"]):
-        label = f"{unit['tsv']}:{n}"
+        where = f"{unit['tsv']}:{n}"
         try:
-            line = _decode_line(line, label)
-            fields = line.split("\t")
+            fields = _decode_line(line).split("\t")
             if len(fields) != len(header):
-                raise _Drop(DropReason.BAD_ROW, f"{label}: {len(fields)} fields, header has {len(header)}")
+                raise RowDropped(DropReason.BAD_ROW, f"{len(fields)} fields, header has {len(header)}")
             rec = dict(zip(header, fields))
             mp3 = str(clips / rec["path"])
             info = probe(mp3, mp3)
-            yield _row(mp3, rec["sentence"], info.frames / info.samplerate, "commonvoice", Path(rec["path"]).stem, label)
-        except AudioError as err:
-            yield _Drop(err.reason, str(err))
-        except _Drop as err:
-            yield err
+            yield _kept(mp3, rec["sentence"], info.frames / info.samplerate, "commonvoice", Path(rec["path"]).stem)
+        except RowDropped as err:
+            yield _dropped(where, err)
 
 
 _ROWS = {"librispeech": _librispeech_rows, "gigaspeech": _gigaspeech_rows, "commonvoice": _commonvoice_rows}
 
 
 def unit_rows(item: dict) -> list[dict]:
-    """Ray Data flat_map: one unit -> rows {"row": manifest json or "", "reason", "detail"}."""
+    """Ray Data flat_map: one unit -> rows {"row": manifest json, or "" and the drop's "reason", "where", "detail"}."""
     unit = json.loads(item["unit"])
-    out = []
-    for r in _ROWS[unit["kind"]](unit):
-        if isinstance(r, _Drop):
-            out.append({"row": "", "reason": r.reason, "detail": r.detail})
-        else:
-            out.append({"row": json.dumps(r, ensure_ascii=False), "reason": "", "detail": ""})
-    return out
+    return list(_ROWS[unit["kind"]](unit))
 
 
 # ---- the job --------------------------------------------------------------------------------------------
@@ -214,8 +192,6 @@ def manifest_path(cfg: BlspRayConfig, source: str) -> str:
 
 def prepare_asr(cfg: BlspRayConfig, source: str, output: str | None = None) -> dict:
     """Write ``<asr manifests>/<source>.jsonl`` and ``<source>.summary.json``; returns the summary."""
-    import ray
-
     output = output or manifest_path(cfg, source)
     units = [{"unit": json.dumps(u, ensure_ascii=False)} for u in source_units(cfg, source)]
     summary = Summary()
@@ -231,7 +207,7 @@ def prepare_asr(cfg: BlspRayConfig, source: str, output: str | None = None) -> d
                     out.write(r["row"] + "\n")
                     summary.kept += 1
                 else:
-                    summary.drop(r["reason"], r["detail"])
+                    summary.drop(RowDropped(r["reason"], r["detail"]), r["where"])
     summary_file = output.rsplit(".", 1)[0] + ".summary.json"
     return summary.report(f"prepare_asr[{source}]", summary_file, {"source": source, "output": output, "units": len(units)},
                           cfg.cluster.s3)

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import ray.data
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from blsp_ray.config import BlspRayConfig, TrainConfig
 from blsp_ray.io.layout import RunLayout
@@ -19,7 +21,7 @@ from blsp_ray.io.storage import local_copy
 from blsp_ray.model.processing import IGNORE, BlspProcessor, as_ids, load_tokenizer, pad_ids
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.runtime import init_ray
-from blsp_ray.train.loop import TrainResult, run_training
+from blsp_ray.train.loop import TrainResult, full_state_dict, run_training
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,7 @@ class Stage1Task:
 
     phase_starts = [0]  # one learning-rate phase
 
-    def dataset(self):
-        import ray.data
-
+    def dataset(self) -> ray.data.Dataset:
         path = self.layout.stage1_data
         ds = ray.data.read_json(path, lines=True)
         return ds.map_batches(
@@ -81,8 +81,6 @@ class Stage1Task:
     # -- worker side --
 
     def build(self, dtype: torch.dtype) -> nn.Module:
-        from transformers import LlamaForCausalLM
-
         self.lm = LlamaForCausalLM.from_pretrained(self.cfg.model.lm_path, dtype=dtype)
         self.lm.train()
         return self.lm
@@ -105,19 +103,17 @@ class Stage1Task:
 
     def export(self, engine, out_dir: Path, rank: int) -> None:
         """Hugging Face LM dir (weights + tokenizer); collective under ZeRO-3."""
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        state = full_state_dict(engine, rank)
         if rank != 0:
             return
-        if state is not None:
-            self.lm.save_pretrained(out_dir, state_dict=state)
-        else:
-            self.lm.save_pretrained(out_dir)
+        self.lm.save_pretrained(out_dir, state_dict=state)  # state None: the module's own weights
         load_tokenizer(local_copy(self.cfg.model.lm_path)).save_pretrained(out_dir)
+
+    def heldout_metrics(self, engine) -> dict[str, float]:
+        return {}  # stage 1 has no held-out speech to score
 
     def load_export(self, hf_dir: Path) -> None:
         """Weights from a previous export (resuming on a different number of workers)."""
-        from transformers import LlamaForCausalLM
-
         self.lm.load_state_dict(LlamaForCausalLM.from_pretrained(hf_dir, dtype=self.lm.dtype).state_dict())
 
 

@@ -6,22 +6,41 @@ export) from the same config, so nothing heavy is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import ray.data
 import torch
-from torch import nn
+from transformers import WhisperFeatureExtractor
 
-from blsp_ray.config import BlspRayConfig, TrainConfig
-from blsp_ray.io.layout import RunLayout
-from blsp_ray.model.processing import IGNORE, BlspProcessor, as_ids, load_tokenizer, pad_ids, token_char_counts, transcript_token_ids
-from blsp_ray.io.storage import exists, is_s3, local_copy
 from blsp_ray.cli import job_parser, load_job_config
+from blsp_ray.config import BlspRayConfig
+from blsp_ray.heldout import HeldoutSet
+from blsp_ray.io.layout import RunLayout
+from blsp_ray.io.storage import exists, is_s3, local_copy, read_jsonl
+from blsp_ray.model.losses import stage2_objective, token_alignment
+from blsp_ray.model.modeling import SpeechAdapter, build_blsp, length_mask, load_whisper_encoder, subsampling_factor, whisper_encode
+from blsp_ray.model.processing import (
+    HOP_LENGTH,
+    IGNORE,
+    BlspProcessor,
+    as_ids,
+    load_tokenizer,
+    log_mel,
+    pad_ids,
+    token_char_counts,
+    transcript_token_ids,
+)
 from blsp_ray.runtime import init_ray
 from blsp_ray.train.loop import TrainResult, run_training
+
+# DeepSpeed is imported inside the worker-side methods only: importing it picks the accelerator,
+# which must happen in the Ray Train worker after train.loop has set DS_ACCELERATOR.
 
 log = logging.getLogger(__name__)
 FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
@@ -31,10 +50,6 @@ FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
 @functools.lru_cache(maxsize=4)
 def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False) -> BlspProcessor:
     return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s)
-
-
-
-
 
 
 def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,13 +64,12 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
                    continuation_tokens: int | None = None) -> dict:
     """Ray Data map over preprocessed shards: a length estimate for bucketing (+ transcript ids for
     KL), continuations cut to ``continuation_tokens`` when set."""
-    hop = 160
     out = {k: batch[k] for k in ("waveform", "prefix_ids", "suffix_ids", "suffix_labels")}
     if continuation_tokens is not None:
         cut = [truncate_target(i, l, continuation_tokens) for i, l in zip(batch["suffix_ids"], batch["suffix_labels"])]
         out["suffix_ids"] = [ids for ids, _ in cut]
         out["suffix_labels"] = [labels for _, labels in cut]
-    speech = np.asarray([len(w) // hop // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
+    speech = np.asarray([len(w) // HOP_LENGTH // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
     out["length"] = speech + np.asarray([len(p) + len(s) for p, s in zip(batch["prefix_ids"], out["suffix_ids"])])
     if with_transcripts:
         tokenizer = load_tokenizer(local_copy(lm_path))
@@ -65,10 +79,6 @@ def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per
 
 @functools.lru_cache(maxsize=2)
 def _whisper(whisper_path: str, dtype: str):
-    from transformers import WhisperFeatureExtractor
-
-    from blsp_ray.model.modeling import load_whisper_encoder
-
     return load_whisper_encoder(whisper_path, getattr(torch, dtype)).eval(), WhisperFeatureExtractor.from_pretrained(whisper_path)
 
 
@@ -81,9 +91,6 @@ def encoder_outputs(batch: dict, whisper_path: str, pad_audio_to_30s: bool, dtyp
     the object store (Ray spills the rest to disk), e.g. BLSP-mini; off for corpus-scale runs.
     A task, not an actor pool: idle actors would hold the CPUs the read tasks need.
     """
-    from blsp_ray.model.modeling import whisper_encode
-    from blsp_ray.model.processing import log_mel
-
     encoder, feature_extractor = _whisper(whisper_path, dtype)  # once per Ray worker process
     waves = [np.asarray(w, dtype=np.float32) for w in batch["waveform"]]
     with torch.no_grad():
@@ -91,25 +98,6 @@ def encoder_outputs(batch: dict, whisper_path: str, pad_audio_to_30s: bool, dtyp
     out = {k: v for k, v in batch.items() if k != "waveform"}
     out["encoder_hidden"] = [hidden[i, :n].float().numpy() for i, n in enumerate(lengths.tolist())]
     return out
-
-
-class AdapterModule(nn.Module):
-    """The trainable part of BLSP (subsampler, adapter, LayerNorm) as one module for DeepSpeed.
-
-    Only these parameters get optimiser state and gradients; the frozen Whisper encoder and LM
-    stay plain modules beside it (under ZeRO-3 they are replicated, not partitioned).
-    """
-
-    def __init__(self, blsp):
-        super().__init__()
-        self.subsampler = blsp.subsampler
-        self.adapter = blsp.adapter
-        self.speech_ln = blsp.speech_ln
-
-    def forward(self, encoder_hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from blsp_ray.model.modeling import BlspModel
-
-        return BlspModel.adapt(self, encoder_hidden, lengths)  # same attribute names as BlspModel
 
 
 class Stage2Task:
@@ -139,7 +127,7 @@ class Stage2Task:
 
     @property
     def needs_transcripts(self) -> bool:
-        return self.train.objective in ("kl", "ce+kl") or self.train.ctc_weight > 0 or self.uses_token_alignment
+        return self.train.objective in ("kl", "ce+kl") or self.uses_token_alignment
 
     @property
     def uses_token_alignment(self) -> bool:
@@ -151,12 +139,10 @@ class Stage2Task:
         """Optimiser steps where a learning-rate phase begins: the objective after the alignment warm-up."""
         return [0, self.train.alignment_steps] if self.train.alignment_steps else [0]
 
-    def dataset(self):
-        import ray.data
-
+    def dataset(self) -> ray.data.Dataset:
         columns = ["waveform", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
         ds = ray.data.read_parquet(self.layout.preprocessed, columns=columns)
-        frames_per_embedding = 2 ** (1 + len(self.cfg.model.conv_kernel_sizes.split(",")))
+        frames_per_embedding = subsampling_factor(len(self.cfg.model.conv_kernel_sizes.split(",")))
         ds = ds.map_batches(
             prepare_stage2,
             fn_kwargs={"lm_path": self.lm_path, "with_transcripts": self.needs_transcripts,
@@ -179,10 +165,11 @@ class Stage2Task:
 
     # -- worker side --
 
-    def build(self, dtype: torch.dtype) -> nn.Module:
+    def build(self, dtype: torch.dtype) -> SpeechAdapter:
+        """The BLSP model on this worker's device; DeepSpeed gets its speech adapter (the same
+        weights), so only those get optimiser state and gradients. The frozen encoder and LM stay
+        plain modules on the task (under ZeRO-3 they are replicated, not partitioned)."""
         from deepspeed.accelerator import get_accelerator
-
-        from blsp_ray.model.modeling import build_blsp
 
         settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
         self.blsp = build_blsp(settings)
@@ -195,7 +182,7 @@ class Stage2Task:
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
         if self.uses_token_alignment:
             self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
-        return AdapterModule(self.blsp)
+        return self.blsp.speech_adapter
 
     def collate(self, rows: list[dict]) -> dict:
         examples = [
@@ -217,8 +204,6 @@ class Stage2Task:
         return batch
 
     def loss(self, engine, batch: dict) -> dict[str, torch.Tensor]:
-        from blsp_ray.model.losses import stage2_objective
-
         if "encoder_hidden" in batch:
             hidden, lengths = batch["encoder_hidden"], batch["encoder_lengths"]
         else:
@@ -230,19 +215,16 @@ class Stage2Task:
             loss = self._token_alignment(batch, speech_embeds, speech_lengths)
             return {"loss": loss, "alignment": loss.detach()}
         parts = stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
-                                 t.objective, t.ce_weight, t.kl_weight, t.kl_temperature, t.ctc_weight, self.processor.pad_id)
+                                 t.objective, t.ce_weight, t.kl_weight, t.kl_temperature)
         if t.alignment_weight:
             parts["alignment"] = self._token_alignment(batch, speech_embeds, speech_lengths)
             parts["loss"] = parts["loss"] + t.alignment_weight * parts["alignment"]
         return parts
 
     def _token_alignment(self, batch: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> torch.Tensor:
-        from blsp_ray.model.modeling import length_mask
-        from blsp_ray.model.losses import token_alignment
-
         ids, n = batch["transcript_ids"], batch["transcript_lengths"]
         chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
-        return token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, self.train.alignment_loss, self.train.alignment_negatives)
+        return token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, self.train.alignment_negatives)
 
     @staticmethod
     def count_tokens(batch: dict) -> int:
@@ -253,14 +235,8 @@ class Stage2Task:
         if not self.train.eval_rows or engine.zero_optimization_stage() == 3:  # ZeRO-3 gathers are collective
             return {}
         if getattr(self, "_heldout", None) is None:
-            from blsp_ray.heldout import HeldoutSet
-            from blsp_ray.model.audio import load_audio
-            from blsp_ray.engines import GenerationSettings
-            from blsp_ray.io.storage import read_jsonl
-
             rows = [r for r in read_jsonl(self.cfg.heldout_manifest()) if r.get("audio") and r.get("text")][: self.train.eval_rows]
-            self._heldout = HeldoutSet(self.blsp, self.processor, rows, [load_audio(r["audio"]) for r in rows],
-                                       GenerationSettings.from_config(self.cfg.label), instruction=self.train.instruction)
+            self._heldout = HeldoutSet.from_config(self.cfg, self.blsp, self.processor, rows)
         module = engine.module
         module.eval()
         scores = self._heldout.teacher_forced(module, "speech")
@@ -269,8 +245,6 @@ class Stage2Task:
 
     def export(self, engine, out_dir: Path, rank: int) -> None:
         """Adapter-only checkpoint (``save_adapter``); collective under ZeRO-3 (the adapter is small)."""
-        import contextlib
-
         import deepspeed
 
         gather = (
@@ -283,17 +257,11 @@ class Stage2Task:
                 (Path(out_dir) / FROZEN_DIGEST).write_text(json.dumps(frozen_digest(self.blsp), indent=2))
 
     def load_export(self, hf_dir: Path) -> None:
-        from safetensors.torch import load_file
-
-        from blsp_ray.model.modeling import ADAPTER_WEIGHTS
-
-        self.blsp.load_state_dict(load_file(Path(hf_dir) / ADAPTER_WEIGHTS), strict=False)
+        self.blsp.load_adapter(hf_dir)
 
 
 def frozen_digest(blsp) -> dict[str, str]:
     """sha256 of the Whisper encoder's and the LM's weights: proof that stage 2 left them untouched."""
-    import hashlib
-
     out = {}
     for name in ("whisper_model", "llama_model"):
         h = hashlib.sha256()

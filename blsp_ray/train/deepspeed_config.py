@@ -34,10 +34,10 @@ def lr_schedule(phase_starts: list[int], total_steps: int, warmup: int):
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config of one run, as the seed's stage-1/2 scripts set it up.
+    """The DeepSpeed config of one run, as the original release's stage-1/2 scripts set it up.
 
     AdamW; the schedule is ``lr_schedule``'s. ``offload_optimizer`` keeps optimiser state in host memory and steps it
-    with DeepSpeedCPUAdam (the seed's stage-2 setting); otherwise plain torch AdamW, which
+    with DeepSpeedCPUAdam (the original release's stage-2 setting); otherwise plain torch AdamW, which
     needs no compiled op on CPU.
     """
     zero: dict = {"stage": train.zero_stage}

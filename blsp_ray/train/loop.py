@@ -11,6 +11,7 @@ steps, and a checkpoint (HF export + DeepSpeed state + loop state) every ``save_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,11 +19,32 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from blsp_ray.config import BlspRayConfig
-from blsp_ray.io.layout import COMPLETE, join
+import numpy as np
+import pyarrow.fs as pafs
+import ray.train
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from ray.data import DataContext
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+
+from blsp_ray.config import BlspRayConfig, TrainConfig, resolve_paths
+from blsp_ray.io.layout import COMPLETE, RunLayout, join
+from blsp_ray.io.storage import atomic_dir, filesystem, is_s3
+from blsp_ray.model.modeling import to_device
+from blsp_ray.train.batching import bucketed_batches
+from blsp_ray.train.deepspeed_config import deepspeed_config, lr_schedule
+
+if TYPE_CHECKING:
+    import ray.data
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +53,62 @@ EXPORT_DIR = "hf"  # Hugging Face-layout export inside a Ray checkpoint
 STATE_FILE = "train_state.json"  # loop position + loss history
 LOSS_CURVE = "loss_curve.png"
 BUCKET_POOL = 16  # micro-batches pooled for length bucketing
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the loop needs from a stage (``Stage1Task``, ``Stage2Task``).
+
+    The driver builds one from the config for ``dataset()`` and the step budget; every Ray Train
+    worker builds its own from the same config for the rest, so nothing heavy is pickled.
+    """
+
+    def __init__(self, cfg: BlspRayConfig) -> None: ...
+
+    @property
+    def name(self) -> str:
+        """The stage's name: its directory in ``RunLayout`` and its checkpoints' prefix."""
+
+    @property
+    def train(self) -> TrainConfig:
+        """The stage's training settings (its config section)."""
+
+    @property
+    def export_target(self) -> str:
+        """Where the final export is published (a path or ``s3://`` URI)."""
+
+    @property
+    def phase_starts(self) -> list[int]:
+        """Optimiser steps where a learning-rate phase begins (``[0]``: one phase); the last one's
+        steps come on top of the step budget."""
+
+    # -- driver side --
+
+    def dataset(self) -> ray.data.Dataset:
+        """The training rows, with a ``length`` column for bucketing."""
+
+    # -- worker side --
+
+    def build(self, dtype: torch.dtype) -> nn.Module:
+        """The module DeepSpeed trains (anything frozen the loss needs stays on the task)."""
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """One micro-batch of rows -> CPU tensors."""
+
+    def loss(self, engine: DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"loss": what backpropagates, other parts: reported as loss_<name>}``."""
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens in a micro-batch, for throughput."""
+
+    def export(self, engine: DeepSpeedEngine, out_dir: Path, rank: int) -> None:
+        """Write the Hugging Face-layout export; every rank calls it (collective under ZeRO-3)."""
+
+    def load_export(self, hf_dir: Path) -> None:
+        """Weights from an earlier export (resuming on a different number of workers)."""
+
+    def heldout_metrics(self, engine: DeepSpeedEngine) -> dict[str, float]:
+        """Rank 0, at every report: ``heldout_*`` metrics (``{}``: none)."""
 
 
 @dataclass
@@ -51,16 +129,16 @@ def _micro_batches_per_epoch(rows_per_worker: int, micro_batch_size: int, pool: 
     return full * pool + math.ceil(rest / micro_batch_size)
 
 
-def _torch_dtype(precision: str):
-    import torch
+def _micro_batch_seed(seed: int, epoch: int, micro_in_epoch: int, rank: int) -> int:
+    """The torch seed of one micro-batch of one worker: a function of its place in the data only."""
+    return int(np.random.SeedSequence([seed, epoch, micro_in_epoch, rank]).generate_state(1)[0])
 
+
+def _torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -69,13 +147,9 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 
 def _plot_loss(history: list[dict], path: Path, title: str) -> None:
     """Training loss over steps; beside it the held-out metrics, when the task reported any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     heldout = sorted({k for h in history for k in h if k.startswith("heldout_")})
-    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if heldout else 6, 4))  # no pyplot: no global backend or figure registry
+    axes = fig.subplots(1, 2 if heldout else 1, squeeze=False)
     ax = axes[0][0]
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o")
     ax.set_xlabel("optimizer step")
@@ -94,23 +168,44 @@ def _plot_loss(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+
+def full_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.Tensor] | None:
+    """The trained module's whole state dict on CPU for rank 0 (None elsewhere); collective under ZeRO-3.
+
+    Under ZeRO-3 each module's own parameters are gathered in turn (public
+    ``deepspeed.zero.GatheredParameters``), so no rank ever holds more than one layer gathered.
+    Below ZeRO-3 every rank already holds the full weights: None tells the caller to save its module.
+    """
+    if engine.zero_optimization_stage() != 3:
+        return None
+    import deepspeed  # lazy, as in train_loop_per_worker: importing it picks the accelerator
+
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in engine.module.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=None):
+            if rank == 0:
+                for name, p in own.items():
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    if rank != 0:
+        return None
+    for name, tensor in engine.module.state_dict().items():  # the persistent buffers: never partitioned
+        state.setdefault(name, tensor.detach().cpu().clone())
+    return state
 
 
 def train_loop_per_worker(loop: dict) -> None:
     """Runs in every Ray Train worker; ``loop`` carries the config dict and the run's step budget."""
     use_gpu = loop["use_gpu"]
     if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
-    import deepspeed
-    import ray.train
-    import torch
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # here, not at the top: DeepSpeed picks its accelerator at import and must see DS_ACCELERATOR first
 
-    from blsp_ray.model.modeling import to_device
-    from blsp_ray.train.batching import bucketed_batches
-    from blsp_ray.train.deepspeed_config import deepspeed_config, lr_schedule
     cfg = BlspRayConfig.model_validate(loop["cfg"])
-    task = loop["task"](cfg)
+    task: Task = loop["task"](cfg)
     train = task.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -167,6 +262,10 @@ def train_loop_per_worker(loop: dict) -> None:
             if micro_in_epoch <= skip:  # consumed before the checkpoint we resumed from
                 continue
             batch = to_device(task.collate(rows), engine.device)  # collated on the CPU
+            # The loss's random draws (dropout, sampled negatives) depend on where the micro-batch sits
+            # in the data, not on how many ran in this process: a resumed run draws what the
+            # uninterrupted one drew.
+            torch.manual_seed(_micro_batch_seed(train.seed, epoch, micro_in_epoch, rank))
             out = task.loss(engine, batch)
             engine.backward(out["loss"])
             engine.step()
@@ -206,7 +305,7 @@ def train_loop_per_worker(loop: dict) -> None:
             }
             for k, v in zip(part_names, sums[4:]):
                 metrics[f"loss_{k}"] = v / max(sums[1], 1)
-            if rank == 0 and hasattr(task, "heldout_metrics"):
+            if rank == 0:
                 metrics.update(task.heldout_metrics(engine))
             history.append({"step": step, **{k: v for k, v in metrics.items() if k == "loss" or k.startswith(("loss_", "heldout_"))}})
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
@@ -237,26 +336,8 @@ def train_loop_per_worker(loop: dict) -> None:
 # ---- driver side -------------------------------------------------------------------------------
 
 
-def _absolute(cfg: BlspRayConfig) -> BlspRayConfig:
-    """Local relative paths made absolute: Ray workers run in another directory."""
-
-    def fix(p: str) -> str:
-        return p if "://" in p or os.path.isabs(p) else os.path.abspath(p)
-
-    return cfg.model_copy(
-        update={
-            "cluster": cfg.cluster.model_copy(update={"storage_root": fix(cfg.cluster.storage_root)}),
-            "model": cfg.model.model_copy(update={"lm_path": fix(cfg.model.lm_path), "whisper_path": fix(cfg.model.whisper_path)}),
-        }
-    )
-
-
 def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
     """Copy the checkpoint's HF export to ``target`` (local: one atomic rename; S3: objects, then a marker)."""
-    import pyarrow.fs as pafs
-
-    from blsp_ray.io.storage import atomic_dir, filesystem, is_s3
-
     src_fs, src = checkpoint.filesystem, join(checkpoint.path, EXPORT_DIR)
     dst_fs, dst = filesystem(target, cfg.cluster.s3)
     if not is_s3(target):
@@ -271,22 +352,47 @@ def publish_export(cfg: BlspRayConfig, checkpoint, target: str) -> str:
     return target
 
 
-def run_training(cfg: BlspRayConfig, task_cls, inject_failure: dict | None = None) -> TrainResult:
+@contextlib.contextmanager
+def _rows_in_order() -> Iterator[None]:
+    """Datasets made inside (Ray Data copies the current context into each) keep their rows in order.
+
+    Ray Data otherwise passes blocks on as their tasks finish, so the order of a dataset's rows,
+    and with it which rows each training worker gets, varies between runs: a resumed run would skip
+    a different prefix than the one it trained on. In order, both are a function of the input files
+    alone (in-order output can hold a finished block back behind a slower one).
+    """
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def _ordered_ingest() -> DataConfig:
+    """Ray Train's ingest, in order (``_rows_in_order``): each worker's rows and their order are the
+    same in every run and every epoch."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
+def run_training(cfg: BlspRayConfig, task_cls: type[Task], inject_failure: dict | None = None) -> TrainResult:
     """Train the stage ``task_cls`` describes (a ``Task``) on the connected Ray cluster and publish its export.
 
     ``inject_failure`` ({"step", "rank", "marker"}) makes one worker raise once at that step:
     the fault-tolerance test's lost worker.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from blsp_ray.io.layout import RunLayout
-    from blsp_ray.io.storage import filesystem, is_s3
-    cfg = _absolute(cfg)
+    cfg = resolve_paths(cfg, Path.cwd())  # Ray workers run in another directory
     task = task_cls(cfg)
+    if not isinstance(task, Task):  # fail on the driver, not in every worker
+        missing = [m for m in dir(Task) if not m.startswith("_") and not hasattr(task, m)]
+        raise TypeError(f"{task_cls.__name__} is not a training Task: it lacks {missing}")
     stage = task.name
     train = task.train
-    dataset = task.dataset()
+    with _rows_in_order():
+        dataset = task.dataset()
     rows = dataset.count()
     max_workers = cfg.cluster.num_workers
     if rows < max_workers:
@@ -326,6 +432,7 @@ def run_training(cfg: BlspRayConfig, task_cls, inject_failure: dict | None = Non
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=_ordered_ingest(),
     )
     result = trainer.fit()
     if result.error is not None:
