@@ -17,17 +17,20 @@ Whisper + adapter always run here, in this process; the LM generates through ``e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from blsp_ray.config import BatchEngineConfig, EngineConfig
+from blsp_ray.config import BatchEngineConfig, EngineConfig, S3Config
 from blsp_ray.engines import (
     AsyncVllmEngine,
     Generation,
@@ -37,7 +40,8 @@ from blsp_ray.engines import (
     TransformersEngine,
     VllmEngine,
 )
-from blsp_ray.model.modeling import BlspModel, SpeechBatch, adapter_metadata, checkpoint_bases, load_blsp
+from blsp_ray.io.storage import cache_dir, is_s3, local_copy, model_cache
+from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, adapter_metadata, checkpoint_bases, load_blsp
 from blsp_ray.model.processing import IGNORE, BlspProcessor
 from blsp_ray.model.prompts import chat_turn_parts
 
@@ -59,6 +63,29 @@ def standalone_lm_dir(checkpoint: str | os.PathLike, model: BlspModel) -> str:
     model.llama_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
     return out
+
+
+def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
+    """A local directory for a BLSP checkpoint given as a path or s3:// URI (copied once per node).
+
+    An adapter-only checkpoint of an S3 run points at its frozen LM by URI (the run's stage-1
+    model): then the bases are made local too, and a view of the checkpoint (links to its files,
+    its adapter config naming the local copies) is what comes back, for ``load_blsp`` and vLLM.
+    """
+    path = Path(local_copy(uri, s3))
+    meta = adapter_metadata(path)
+    remote = {k: meta[k] for k in ("lm_path", "whisper_path") if is_s3(meta.get(k, ""))} if meta else {}
+    if not remote:
+        return str(path)
+    meta.update({k: local_copy(v, s3) for k, v in remote.items()})
+    view = model_cache(hashlib.sha1(json.dumps([str(path), meta]).encode()).hexdigest()[:16] + "-view")
+    if not view.exists():
+        with cache_dir(view) as tmp:
+            for f in path.iterdir():
+                if f.name != ADAPTER_CONFIG:
+                    (tmp / f.name).symlink_to(f.resolve())
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    return str(view)
 
 
 class SpeechLM:

@@ -36,8 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from blsp_ray.config import BlspRayConfig, S3Config, ServeConfig, load_config
 from blsp_ray.engines import AsyncVllmEngine
 from blsp_ray.io.layout import RunLayout
-from blsp_ray.io.storage import local_checkpoint
-from blsp_ray.speech_lm import SpeechLM
+from blsp_ray.speech_lm import SpeechLM, local_checkpoint
 from serve.schemas import ApiError, ChatRequest, parse_json, to_chat_request
 
 log = logging.getLogger("ray.serve")

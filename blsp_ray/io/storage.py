@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from blsp_ray.config import S3Config
-from blsp_ray.model.modeling import ADAPTER_CONFIG, adapter_metadata
 
 # ---- local atomic writes ---------------------------------------------------------------------------
 
@@ -193,29 +192,6 @@ def local_copy(uri: str, s3: S3Config | None = None) -> str:
         with cache_dir(target) as tmp:
             fs.copy_files(key, str(tmp), source_filesystem=s3fs, destination_filesystem=fs.LocalFileSystem())
     return str(target)
-
-
-def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
-    """A local directory for a BLSP checkpoint given as a path or s3:// URI (copied once per node).
-
-    An adapter-only checkpoint of an S3 run points at its frozen LM by URI (the run's stage-1
-    model): then the bases are made local too, and a view of the checkpoint (links to its files,
-    its adapter config naming the local copies) is what comes back, for ``load_blsp`` and vLLM.
-    """
-    path = Path(local_copy(uri, s3))
-    meta = adapter_metadata(path)
-    remote = {k: meta[k] for k in ("lm_path", "whisper_path") if is_s3(meta.get(k, ""))} if meta else {}
-    if not remote:
-        return str(path)
-    meta.update({k: local_copy(v, s3) for k, v in remote.items()})
-    view = model_cache(hashlib.sha1(json.dumps([str(path), meta]).encode()).hexdigest()[:16] + "-view")
-    if not view.exists():
-        with cache_dir(view) as tmp:
-            for f in path.iterdir():
-                if f.name != ADAPTER_CONFIG:
-                    (tmp / f.name).symlink_to(f.resolve())
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-    return str(view)
 
 
 def model_cache(name: str) -> Path:

@@ -20,10 +20,10 @@ from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig
 from blsp_ray.heldout import HeldoutSet
 from blsp_ray.io.layout import RunLayout, join
-from blsp_ray.io.storage import local_checkpoint, open_output, read_jsonl
+from blsp_ray.io.storage import open_output, read_jsonl
 from blsp_ray.metrics import text_metrics
 from blsp_ray.runtime import init_ray
-from blsp_ray.speech_lm import SpeechLM
+from blsp_ray.speech_lm import SpeechLM, local_checkpoint
 
 
 def heldout_set(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> HeldoutSet:

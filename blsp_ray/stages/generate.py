@@ -28,12 +28,12 @@ from blsp_ray.cli import load_job_config
 from blsp_ray.config import BlspRayConfig, EngineConfig, S3Config, config_from_dict
 from blsp_ray.drops import DropReason, RowDropped
 from blsp_ray.engines import engine_pool
-from blsp_ray.io.storage import is_s3, local_checkpoint, open_input, open_output
+from blsp_ray.io.storage import is_s3, open_input, open_output
 from blsp_ray.model.audio import AudioError, duration_s, load_audio
 from blsp_ray.model.modeling import SpeechBatch, adapter_metadata, checkpoint_bases
 from blsp_ray.model.processing import log_mel
 from blsp_ray.runtime import init_ray
-from blsp_ray.speech_lm import SpeechLM
+from blsp_ray.speech_lm import SpeechLM, local_checkpoint
 
 log = logging.getLogger(__name__)
 
