@@ -334,7 +334,15 @@ class LabelConfig(BatchEngineConfig):
     log_every_s: float = Field(10.0, gt=0)
 
 
-class GenerateConfig(BatchEngineConfig):
+class SpeechCheckpointConfig(_Section):
+    """What a stage that loads a BLSP checkpoint for speech (generate, serve) may override."""
+
+    # Whisper input padded to 30 s: None = as the checkpoint records (the original release's
+    # checkpoints record nothing and were trained padded: on); true/false overrides the checkpoint.
+    pad_audio_to_30s: bool | None = None
+
+
+class GenerateConfig(BatchEngineConfig, SpeechCheckpointConfig):
     instruction: str = "Please transcribe the following audio."
     max_new_tokens: int = Field(128, ge=1, le=4096)
     # The pipeline's evaluation set: jsonl {"audio", "text", ...}; None: the speech section's held-out manifest.
@@ -352,7 +360,7 @@ class EvaluateConfig(_Section):
     table_gpus: float = Field(0.0, ge=0)
 
 
-class ServeConfig(EngineConfig):
+class ServeConfig(EngineConfig, SpeechCheckpointConfig):
     """The chat service: a Serve deployment of engine replicas (vLLM batches concurrent requests
     itself; transformers answers one at a time per replica) behind one ingress."""
 

@@ -20,6 +20,8 @@ class DropReason(StrEnum):
     PROMPT_TOO_LONG = "prompt_too_long"  # labelling: prompt tokens >= label.max_prompt_tokens
     NO_TARGET = "no_target"  # preprocessing: the target column is missing or empty
     TARGET_TOO_LONG = "target_too_long"  # preprocessing: more target tokens than data.max_target_tokens
+    GENERATION_FAILED = "generation_failed"  # generate: the engine raised on this row alone
+    UNEXPECTED = "unexpected_error"  # a per-row step raised something no check names (logged with its traceback)
     # its audio (raised as blsp_ray.model.audio.AudioError)
     MISSING_FILE = "missing_file"
     UNDECODABLE = "undecodable"

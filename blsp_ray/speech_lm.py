@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from blsp_ray.config import BatchEngineConfig, EngineConfig, S3Config
+from blsp_ray.config import BatchEngineConfig, EngineConfig, S3Config, SpeechCheckpointConfig
 from blsp_ray.engines import (
     AsyncVllmEngine,
     Generation,
@@ -112,7 +112,9 @@ class SpeechLM:
         adapter run, and the LM too on the transformers engine (vLLM places its own copy)."""
         settings = settings or GenerationSettings.from_config(cfg)
         batch_size = cfg.batch_size if isinstance(cfg, BatchEngineConfig) else 8  # serving passes one conversation at a time
-        model = load_blsp(path, dtype=getattr(torch, dtype)).eval()
+        # The loaded model's padding setting is the one every feature extraction below reads.
+        override = cfg.pad_audio_to_30s if isinstance(cfg, SpeechCheckpointConfig) else None
+        model = load_blsp(path, dtype=getattr(torch, dtype), pad_audio_to_30s=override).eval()
         lm_path, whisper_path = checkpoint_bases(path)
         processor = BlspProcessor.from_paths(lm_path, whisper_path, model.config.pad_audio_to_30s)
         if cfg.engine == "vllm":

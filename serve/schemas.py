@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blsp_ray.config import ServeConfig
 from blsp_ray.engines import GenerationSettings
-from blsp_ray.model.audio import AudioError, decode_audio, duration_s
+from blsp_ray.model.audio import AudioError, check_duration, decode_audio, duration_s
 from blsp_ray.speech_lm import ChatTurn
 
 AUDIO_FORMATS = {"wav", "flac"}  # what libsndfile decodes reliably; others are rejected, not guessed
@@ -137,9 +137,11 @@ def decode_input_audio(part: InputAudio, where: str, cfg: ServeConfig) -> np.nda
         raise ApiError(400, f"{where}: audio is {seconds:.1f}s, longer than the limit of {cfg.max_audio_seconds}s", "audio_too_long", where)
     try:
         # Any rate at or above min_sample_rate is resampled to 16 kHz mono.
-        return decode_audio(io.BytesIO(raw), where)
+        wav = decode_audio(io.BytesIO(raw), where)
+        check_duration(wav, where, 0.0, float("inf"))  # the one duration rule (max checked above, from the header)
+        return wav
     except AudioError as err:
-        code = "empty_audio" if err.reason == "empty" else "undecodable_audio"
+        code = {"empty": "empty_audio", "too_short": "audio_too_short"}.get(err.reason, "undecodable_audio")
         raise ApiError(400, str(err), code, where) from None
 
 

@@ -94,6 +94,9 @@ def corpus(tmp_path_factory):
     bad_row("empty", str(d / "zero.wav"))
     sf.write(d / "blip.wav", tone(0.02, 16000), 16000)
     bad_row("too_short", str(d / "blip.wav"))
+    for n in (1, 100, 200, 201):  # at and around Whisper's floor (201 samples), all under min_duration_s
+        sf.write(d / f"samples_{n}.wav", np.full(n, 0.1, np.float32), 16000)
+        bad_row("too_short", str(d / f"samples_{n}.wav"))
     sf.write(d / "long.wav", tone(4.0, 16000), 16000)
     bad_row("too_long", str(d / "long.wav"))
     bad_row("bad_row", raw=b'{"audio": "x.wav", "text": ')

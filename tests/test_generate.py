@@ -5,11 +5,15 @@ BlspModel.generate) and the original release's ``jobs.generate`` command line th
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 
 from blsp_ray.model.audio import load_audio
@@ -86,10 +90,17 @@ def test_original_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_pat
     rows = [{"audio": c["audio"], "reference": c["text"], "id": f"clip-{i}"} for i, c in enumerate(clips[:4])]
     rows.insert(1, {"audio": str(tmp_path / "missing.wav"), "reference": "x", "id": "missing"})
     rows.insert(3, {"audio": str(bad), "reference": "y", "id": "corrupt"})
+    # Clips at and around Whisper's floor (MIN_SAMPLES = 201) and a header with no samples.
+    for n in (1, 100, 200, 201):
+        sf.write(tmp_path / f"samples_{n}.wav", np.full(n, 0.1, np.float32), 16000)
+        rows.append({"audio": str(tmp_path / f"samples_{n}.wav"), "reference": "z", "id": f"samples-{n}"})
+    sf.write(tmp_path / "header_only.wav", np.zeros(0, np.float32), 16000)
+    rows.append({"audio": str(tmp_path / "header_only.wav"), "reference": "h", "id": "header-only"})
     write_jsonl(tmp_path / "test.jsonl", rows)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
         "cluster": {"storage_root": str(tmp_path / "runs"), "run_id": "gen"},
         "model": {"lm_path": "unused", "whisper_path": "unused"},
+        "data": {"min_duration_s": 0.0},  # only Whisper's own floor: the 201-sample clip is answered
         "generate": {"engine": "transformers", "batch_size": 2, "max_new_tokens": 8},
     }))
     ray = str(Path(sys.executable).with_name("ray"))
@@ -106,12 +117,20 @@ def test_original_cli_via_ray_job_submit(ray_cluster, checkpoint, clips, tmp_pat
     assert [r["id"] for r in out] == [r["id"] for r in rows]  # input order, pass-through fields
     assert [r["reference"] for r in out] == [r["reference"] for r in rows]
     by_id = {r["id"]: r for r in out}
-    assert by_id["missing"]["error"].startswith("missing_file") and "response" not in by_id["missing"]
-    assert by_id["corrupt"]["error"].startswith("undecodable")
-    for i in range(4):
-        r = by_id[f"clip-{i}"]
-        assert "error" not in r and isinstance(r["response"], str) and r["response"]
-    assert "[generate] 4 responses, 2 errors" in proc.stdout
+    # Errors name the reason and the manifest's 1-based line.
+    assert by_id["missing"]["error"].startswith(f"missing_file: {tmp_path / 'test.jsonl'}:2: ") and "response" not in by_id["missing"]
+    assert by_id["missing"]["error_reason"] == "missing_file"
+    assert by_id["corrupt"]["error"].startswith(f"undecodable: {tmp_path / 'test.jsonl'}:4: ")
+    for n in (1, 100, 200):
+        assert by_id[f"samples-{n}"]["error_reason"] == "too_short", by_id[f"samples-{n}"]
+    assert by_id["header-only"]["error_reason"] == "empty"
+    for key in [f"clip-{i}" for i in range(4)] + ["samples-201"]:
+        r = by_id[key]
+        assert "error" not in r and isinstance(r["response"], str) and r["response"], r
+    assert "[generate] 5 responses, 6 errors {'empty': 1, 'missing_file': 1, 'too_short': 3, 'undecodable': 1}" in proc.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.jsonl").stat().st_mode) == 0o666 & ~umask  # others may read it
 
 
 def test_async_vllm_streams_speech_embeds(checkpoint, clips):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import stat
 from dataclasses import asdict
 
 import pyarrow as pa
@@ -164,3 +166,22 @@ def test_one_drop_type():
         AudioError(DropReason.BAD_ROW, "no audio path")
     with pytest.raises(ValueError):  # reasons are one closed set: a typo fails where it is made
         RowDropped("bad-row", "x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_honour_the_umask(tmp_path, umask):
+    """Atomic writes (temp + rename) give what a plain open()/mkdir would: readable by the group and
+    others under the usual 022, not mkstemp's/mkdtemp's owner-only 0600/0700."""
+    old = os.umask(umask)
+    try:
+        storage.write_jsonl(tmp_path / "out" / "rows.jsonl", [{"a": 1}])
+        with storage.atomic_dir(tmp_path / "model") as d:
+            (d / "weights.bin").write_bytes(b"x")
+        with storage.cache_dir(tmp_path / "cache") as d:
+            (d / "copy.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out" / "rows.jsonl").stat().st_mode) == 0o666 & ~umask
+    for d in ("model", "cache"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o777 & ~umask
+        assert stat.S_IMODE(next((tmp_path / d).iterdir()).stat().st_mode) == 0o666 & ~umask

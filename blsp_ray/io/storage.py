@@ -23,12 +23,33 @@ from blsp_ray.config import S3Config
 # ---- local atomic writes ---------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process umask: Linux reports it in /proc; elsewhere set-and-restore (the only portable read)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mkdtemp(target: Path) -> Path:
+    """A temp dir beside ``target`` with the mode a plain ``mkdir`` would give (mkdtemp's is 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside ``target``; on success it replaces ``target`` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = _mkdtemp(target)
     try:
         yield tmp
         if target.exists():
@@ -45,6 +66,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # what open() would give, not mkstemp's 0600: others may read a run's outputs
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -204,7 +226,7 @@ def cache_dir(target: Path) -> Iterator[Path]:
     """Fill a temp dir renamed to ``target`` unless another process got there first (then its copy
     stays): replicas starting together on one node never see half a copy, nor remove a used one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = _mkdtemp(target)
     try:
         yield tmp
         try:

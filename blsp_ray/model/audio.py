@@ -14,6 +14,9 @@ import soxr
 from blsp_ray.drops import AUDIO_REASONS, DropReason, RowDropped
 
 SAMPLE_RATE = 16000
+# Whisper's STFT (400-sample window, centred) reflect-pads 200 samples on each side: a clip needs
+# more than that to have features at all. Every stage drops shorter clips as ``too_short``.
+MIN_SAMPLES = 201
 # An ``audio`` value may name a segment of a longer file: ``path:start_frame:num_frames``.
 _SEGMENT = re.compile(r"^(?P<path>.+):(?P<start>\d+):(?P<frames>\d+)$")
 
@@ -87,7 +90,10 @@ def duration_s(samples: np.ndarray, rate: int = SAMPLE_RATE) -> float:
 
 
 def check_duration(samples: np.ndarray, label: str, min_s: float, max_s: float, rate: int = SAMPLE_RATE) -> None:
+    """The one duration rule: at least ``min_s`` and ``MIN_SAMPLES`` (Whisper's floor), below ``max_s``."""
     d = duration_s(samples, rate)
+    if len(samples) < MIN_SAMPLES:
+        raise AudioError(DropReason.TOO_SHORT, f"{label}: {len(samples)} samples, Whisper features need at least {MIN_SAMPLES}")
     if d < min_s or math.isclose(d, 0.0):
         raise AudioError(DropReason.TOO_SHORT, f"{label}: {d:.3f}s < {min_s}s")
     if d >= max_s:

@@ -5,10 +5,11 @@ Faithful to the original release's ``BlspModel`` (same sub-module and state-dict
 ``whisper_model.``, ``llama_model.``, ``subsampler.conv_layers.N.``, ``adapter.fc1/fc2``,
 ``speech_ln.``), so its checkpoints load as they are. Two differences, both switchable:
 
-* Whisper input is real-length by default: the encoder's positional embeddings are sliced to
-  the clip, padded frames are masked out of attention, so a batch gives each clip the same
-  output it would get alone. ``pad_audio_to_30s=True`` runs the library encoder over 30 s of
-  padding, as the original did, for parity with checkpoints trained that way.
+* Whisper input is real-length for the models we build (``ModelConfig.pad_audio_to_30s``): the
+  encoder's positional embeddings are sliced to the clip, padded frames are masked out of
+  attention, so a batch gives each clip the same output it would get alone.
+  ``pad_audio_to_30s=True`` runs the library encoder over 30 s of padding, as the original did;
+  a checkpoint of the original release (whose config does not record it) loads with it on.
 * Each example is spliced as [prefix tokens | speech frames | suffix tokens] with all padding at
   one end (right for training, left for generation), never in the middle of a sequence.
 """
@@ -47,15 +48,20 @@ class BlspConfig(PretrainedConfig):
         llama_config: dict | None = None,
         conv_kernel_sizes: str = "5,5,5",
         adapter_inner_dim: int = 512,
-        pad_audio_to_30s: bool = False,
+        pad_audio_to_30s: bool = True,
         **kwargs,
     ):
+        # The original release's config.json has no ``pad_audio_to_30s``: its checkpoints were
+        # trained on 30 s of padding, so a config without the key means padding (ours always write it).
         super().__init__(**kwargs)
         self.whisper_config = dict(whisper_config or {})
         self.llama_config = dict(llama_config or {})
         self.conv_kernel_sizes = conv_kernel_sizes
         self.adapter_inner_dim = adapter_inner_dim
         self.pad_audio_to_30s = pad_audio_to_30s
+
+    def to_diff_dict(self) -> dict:
+        return {**super().to_diff_dict(), "pad_audio_to_30s": self.pad_audio_to_30s}
 
     @property
     def whisper(self) -> WhisperConfig:
@@ -476,11 +482,25 @@ def checkpoint_bases(path: str | os.PathLike) -> tuple[str, str]:
     return str(path), str(path)  # a full checkpoint carries both
 
 
+def checkpoint_pads_audio(path: str | os.PathLike, override: bool | None = None) -> bool:
+    """Whether the checkpoint's Whisper input is padded to 30 s: ``override`` if given, else what the
+    checkpoint records (an original-release config, which records nothing, means padding). The
+    model ``load_blsp(path, pad_audio_to_30s=override)`` loads runs with the same value, so feature
+    extraction elsewhere (decode tasks) reads it here."""
+    if override is not None:
+        return override
+    meta = adapter_metadata(path)
+    if meta is not None:
+        return bool(meta.get("pad_audio_to_30s", False))
+    return bool(BlspConfig.from_pretrained(path).pad_audio_to_30s)
+
+
 def load_blsp(path: str | os.PathLike, dtype: torch.dtype = torch.float32, pad_audio_to_30s: bool | None = None) -> BlspModel:
     """Load an adapter-only checkpoint (``blsp_adapter.json``) or a full BLSP checkpoint.
 
     A full checkpoint may be ours (``save_pretrained``) or the original release's layout: the
-    key names are the same. ``pad_audio_to_30s`` overrides what the checkpoint recorded.
+    key names are the same, and a config without ``pad_audio_to_30s`` loads with the 30 s padding
+    the original trained with. ``pad_audio_to_30s`` overrides what the checkpoint recorded.
     """
     path = Path(path)
     meta = adapter_metadata(path)

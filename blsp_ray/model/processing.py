@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from blsp_ray.model.audio import SAMPLE_RATE
+from blsp_ray.drops import DropReason
+from blsp_ray.model.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError
 from blsp_ray.model.modeling import SpeechBatch
 from blsp_ray.model.prompts import speech_prompt_parts, text_prompt
 
@@ -55,20 +56,30 @@ def log_mel(
     """16 kHz mono waveforms -> log-mel [B, n_mels, F] and real frame counts [B].
 
     F is the longest clip's frame count, or 3000 (30 s) with ``pad_audio_to_30s``, as the original.
+    A clip of n samples has ceil(n / 160) real frames: the original's count (the extractor's
+    sample mask, every 160th entry), a partial last hop included. Clips shorter than
+    ``MIN_SAMPLES`` raise ``AudioError`` (too_short).
     """
     if (feature_extractor.sampling_rate, feature_extractor.hop_length) != (SAMPLE_RATE, HOP_LENGTH):
         raise ValueError(f"Whisper features at {feature_extractor.sampling_rate} Hz, hop {feature_extractor.hop_length}: "
                          f"this library reads {SAMPLE_RATE} Hz audio with a {HOP_LENGTH}-sample hop")
-    waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
+    lengths, padded = [], []
+    for i, w in enumerate(waveforms):
+        w = np.asarray(w, dtype=np.float32).reshape(-1)
+        if len(w) < MIN_SAMPLES:
+            raise AudioError(DropReason.TOO_SHORT, f"clip {i}: {len(w)} samples, Whisper features need at least {MIN_SAMPLES}")
+        frames = -(-len(w) // HOP_LENGTH)  # ceil
+        lengths.append(frames)
+        # Zeros to a whole hop, as the extractor's own padding puts there in the 30 s mode, so the
+        # partial frame exists in the real-length mode too (the STFT yields samples // hop frames).
+        padded.append(np.pad(w, (0, frames * HOP_LENGTH - len(w))))
     feats = feature_extractor(
-        waveforms,
+        padded,
         sampling_rate=SAMPLE_RATE,
         padding="max_length" if pad_audio_to_30s else "longest",
         return_tensors="pt",
     )["input_features"]
-    # The STFT yields n_samples // hop frames (its attention mask counts one more for a partial hop).
-    lengths = torch.tensor([len(w) // HOP_LENGTH for w in waveforms]).clamp(1, feats.shape[-1])
-    return SpeechBatch(features=feats, frame_lengths=lengths)
+    return SpeechBatch(features=feats, frame_lengths=torch.tensor(lengths).clamp(1, feats.shape[-1]))
 
 
 class BlspProcessor:
