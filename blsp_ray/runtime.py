@@ -9,19 +9,23 @@ such a cluster itself (``ray.init`` on its address) calls ``loopback_env()`` fir
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import ray
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from blsp_ray.io.storage import s3_env
 
@@ -107,10 +111,11 @@ def _run(cmd: list[str], timeout_s: float = 180) -> None:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def start_local_cluster(num_cpus: int | None = None, resources: str | None = None) -> LocalRayCluster:
-    """Start a Ray head on 127.0.0.1 with the dashboard (job API) on; all ports free-chosen."""
+def start_local_cluster(num_cpus: int | None = None, resources: str | None = None, port: int | None = None,
+                        dashboard_port: int | None = None) -> LocalRayCluster:
+    """Start a Ray head on 127.0.0.1 with the dashboard (job API) on; ports free-chosen unless given."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    port, dash = free_port(), free_port()
+    port, dash = port or free_port(), dashboard_port or free_port()
     cmd = [
         _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
@@ -126,6 +131,38 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
     cluster = LocalRayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
     log.info("local Ray cluster at %s (dashboard %s) in %.1fs", cluster.address, cluster.dashboard_url, time.time() - t0)
     return cluster
+
+
+def submit_stage(client: JobSubmissionClient, stage: str, command: list[str], env_vars: dict[str, str],
+                 cwd: str | None = None) -> str:
+    """Submit ``command`` (this environment's python, ``-m jobs.<stage>``, its args) as a Ray job
+    named for the stage: id ``blsp-<stage>-<time>-<random>``, ``metadata.blsp_stage``. ``cwd``: the
+    directory it starts in on the head (default: the job's own)."""
+    entrypoint = shlex.join(command)
+    if cwd is not None:
+        entrypoint = f"cd {shlex.quote(cwd)} && {entrypoint}"
+    return client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"env_vars": dict(env_vars)},
+        metadata={"blsp_stage": stage},
+        submission_id=f"blsp-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+    )
+
+
+def follow_job(client: JobSubmissionClient, job_id: str) -> JobStatus:
+    """Stream a job's logs to stdout until it ends; its final status."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    return status
 
 
 def job_env(cfg) -> dict[str, str]:

@@ -15,7 +15,7 @@ LAYERS = [
     ("blsp_ray.config", "blsp_ray.drops", "blsp_ray.text"),
     ("blsp_ray.model",),
     ("blsp_ray.io", "blsp_ray.engines", "blsp_ray.runtime", "blsp_ray.speech_lm", "blsp_ray.metrics",
-     "blsp_ray.heldout", "blsp_ray.train", "blsp_ray.cli", "blsp_ray.demo"),
+     "blsp_ray.heldout", "blsp_ray.train", "blsp_ray.cli", "blsp_ray.console", "blsp_ray.demo"),
     ("blsp_ray.stages",),
     ("jobs", "serve"),
 ]

@@ -10,9 +10,7 @@ config (``<run dir>/config.yaml``, which every job reads) live there, through bl
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shlex
 import signal
 import sys
 import time
@@ -27,7 +25,7 @@ from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig, resolve_paths
 from blsp_ray.io.layout import COMPLETE, RunLayout, join
 from blsp_ray.io.storage import exists, is_s3, write_text
-from blsp_ray.runtime import job_env, start_local_cluster
+from blsp_ray.runtime import follow_job, job_env, start_local_cluster, submit_stage
 
 
 def _generate_args(cfg: BlspRayConfig, run: RunLayout) -> list[str]:
@@ -107,26 +105,10 @@ def run_pipeline(cfg: BlspRayConfig, stages: list[Stage] | None = None) -> list[
 
 
 def _run_stage(client, stage: Stage, config_path: str, args: list[str], env_vars: dict[str, str]) -> None:
-    command = [sys.executable, "-m", stage.module, "--config", config_path, *args]
-    entrypoint = " ".join(shlex.quote(c) for c in command)
     t0 = time.time()
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"env_vars": dict(env_vars)},
-        metadata={"blsp_stage": stage.name},
-    )
+    job_id = submit_stage(client, stage.name, [sys.executable, "-m", stage.module, "--config", config_path, *args], env_vars)
     print(f"[{stage.name}] submitted as {job_id}", flush=True)
-
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            sys.stdout.write(lines)
-            sys.stdout.flush()
-
-    asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    while not status.is_terminal():
-        time.sleep(0.5)
-        status = client.get_job_status(job_id)
+    status = follow_job(client, job_id)
     if status != JobStatus.SUCCEEDED:
         logs = client.get_job_logs(job_id)
         raise StageFailed(f"stage {stage.name!r} {status.value} (job {job_id}); log tail:\n{logs[-3000:]}")
