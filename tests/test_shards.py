@@ -185,3 +185,23 @@ def test_outputs_honour_the_umask(tmp_path, umask):
     for d in ("model", "cache"):
         assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o777 & ~umask
         assert stat.S_IMODE(next((tmp_path / d).iterdir()).stat().st_mode) == 0o666 & ~umask
+
+
+class FragileTokenizer(WordTokenizer):
+    """A tokenizer with a bug one row trips (the kind no check names)."""
+
+    def __call__(self, text: str) -> dict:
+        if "\u2603" in text:
+            raise IndexError("tokenizer bug")
+        return super().__call__(text)
+
+
+def test_any_exception_of_one_row_is_that_rows_drop(tmp_path, monkeypatch):
+    monkeypatch.setattr(label, "_tokenizer", lambda path: FragileTokenizer())
+    manifest = tmp_path / "asr.jsonl"
+    texts = ["one", "two \u2603", "three"]
+    manifest.write_text("".join(json.dumps({"audio": f"/c/{i}.wav", "text": t}) + "\n" for i, t in enumerate(texts)))
+    (shard,) = label.plan_shards([str(manifest)], 100)
+    rows = read_label_shard(shard)
+    assert [r["drop_reason"] for r in rows] == ["", "unexpected_error", ""]
+    assert rows[1]["drop_detail"] == "IndexError: tokenizer bug"

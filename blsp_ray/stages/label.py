@@ -96,6 +96,10 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
         except RowDropped as err:
             drop(n, err, row)
             continue
+        except Exception as err:  # noqa: BLE001 - whatever one row raises, the shard goes on
+            log.exception("%s: unexpected error", shard.where(n))
+            drop(n, RowDropped(DropReason.UNEXPECTED, f"{type(err).__name__}: {err}"), row)
+            continue
         out.append({**base(n, row), "prompt_json": json.dumps(ids)})  # str: one column type in every block
     return out
 

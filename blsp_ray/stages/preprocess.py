@@ -153,6 +153,9 @@ class ShardProcessor:
                     summary.kept += 1
                 except RowDropped as err:
                     drop(n, err)
+                except Exception as err:  # noqa: BLE001 - whatever one row raises, the shard goes on
+                    log.exception("%s: unexpected error", shard.where(n))
+                    drop(n, RowDropped(DropReason.UNEXPECTED, f"{type(err).__name__}: {err}"))
                 if len(block) >= self.cfg.data.block_rows:
                     writer.write_table(pa.Table.from_pylist(block, SCHEMA))
                     block = []
