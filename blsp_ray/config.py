@@ -371,6 +371,10 @@ class ServeConfig(EngineConfig, SpeechCheckpointConfig):
     # Engine replicas autoscale between min_replicas and max_replicas on ongoing requests per replica.
     target_ongoing_requests: float = Field(4.0, gt=0)
     max_ongoing_requests: int = Field(16, ge=1)  # per engine replica; more wait at the caller
+    # Requests that may wait at the ingress for a replica (beyond max_ongoing_requests each); more
+    # are refused at once with 503 and Retry-After: retry_after_s, instead of timing out.
+    max_queued_requests: int = Field(32, ge=1)
+    retry_after_s: int = Field(5, ge=1)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)  # window the load is averaged over
@@ -380,6 +384,7 @@ class ServeConfig(EngineConfig, SpeechCheckpointConfig):
     max_audio_seconds: float = Field(30.0, gt=0)
     auth_token_env: str | None = None  # name of an env var holding a bearer token; None: no auth
     request_timeout_s: float = Field(60.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)  # the whole request body must arrive within this (408 otherwise)
 
 
 class BlspRayConfig(_Section):
@@ -412,7 +417,8 @@ REMOVED_KEYS = {
     "stage2.ctc_weight": "use stage2.alignment_weight (token alignment of the transcript over the adapter's output)",
     "stage2.alignment_loss": "token alignment always scores against the vocabulary (the former 'vocab'); "
                              "stage2.alignment_negatives sets its sampled softmax",
-    "serve.stop": "serving never applied stop strings",
+    "serve.stop": "a chat reply stops at the template's turn markers (blsp_ray.model.prompts.CHAT_TURN_MARKERS) "
+                  "and at each request's own `stop`",
     "serve.batch_size": "a served engine batches concurrent requests itself (vLLM) or answers one at a time "
                         "(transformers); serve.max_ongoing_requests bounds them per replica",
     "serve.resources_per_replica": "serving never read it; set ray_actor_options under `deployments` in a Serve config file",

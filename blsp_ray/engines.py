@@ -270,6 +270,28 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def cut_at_stop(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+    """Text deltas up to the first stop string: text that may begin a stop string is held back until
+    it is known not to, so no part of a stop string is ever emitted; ends at the stop."""
+    if not stops:
+        yield from pieces
+        return
+    hold = max(len(s) for s in stops) - 1
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        found = [i for i in (buf.find(s) for s in stops) if i >= 0]
+        if found:
+            if buf[: min(found)]:
+                yield buf[: min(found)]
+            return
+        if len(buf) > hold:
+            yield buf[: len(buf) - hold]
+            buf = buf[len(buf) - hold :]
+    if buf:
+        yield buf
+
+
 class TextStream:
     """Text deltas of one reply; ``completion_tokens`` and ``finish_reason`` are set once exhausted."""
 
@@ -382,7 +404,7 @@ class TransformersEngine(TextEngine):
         def deltas() -> Iterator[str]:
             thread.start()
             try:
-                for text in streamer:
+                for text in cut_at_stop(streamer, settings.stop):  # generate() stops there too (stop_strings)
                     if text:
                         yield text
             finally:

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from blsp_ray.config import BlspRayConfig, S3Config, ServeConfig, load_config
@@ -138,7 +139,8 @@ class BlspEngine:
 
 
 def _error(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 api = FastAPI(title="BLSP speech chat", docs_url=None, redoc_url=None)
@@ -156,6 +158,9 @@ class ChatIngress:
             if not self.token:
                 raise RuntimeError(f"serve.auth_token_env names {self.cfg.auth_token_env!r}, which is not set in the replica's environment")
         self.page = PAGE.read_text()
+        # Decoding and validating bodies (base64, audio, resampling) runs off the event loop, a
+        # couple at a time, so /health and streaming replies never wait behind a large upload.
+        self.decode_slots = asyncio.Semaphore(2)
         self.retried = 0  # requests re-sent after their engine replica failed
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -173,23 +178,41 @@ class ChatIngress:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", "body_too_large")
         body = bytearray()
-        async for chunk in request.stream():  # chunked uploads are counted as they arrive
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):  # a stalled upload does not hold the connection
+                async for chunk in request.stream():  # chunked uploads are counted as they arrive
+                    body += chunk
+                    if len(body) > limit:
+                        raise ApiError(413, f"request body is over the limit of {limit} bytes", "body_too_large")
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.cfg.body_timeout_s}s", "body_timeout") from None
         return bytes(body)
+
+    async def _chat_request(self, request: Request) -> ChatRequest:
+        self._authorize(request)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            # Also what keeps a web page's plain form post (no CORS preflight) from running inference.
+            raise ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}", "unsupported_media_type")
+        body = await self._read_body(request)
+        async with self.decode_slots:
+            return await asyncio.to_thread(lambda: to_chat_request(parse_json(body), self.cfg))
 
     async def _engine_events(self, req: ChatRequest, restartable: bool) -> AsyncIterator[tuple]:
         """Engine events; a replica failure before any delta went out (or ``restartable``) is retried."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            sent = False
-            response = self.engine.generate.remote(req)
+            sent, response = False, None
             try:
+                response = self.engine.generate.remote(req)  # BackPressureError may come here or on the first event
                 async for event in response:
                     if event[0] == "delta" and not restartable:
                         sent = True
                     yield event
                 return
+            except BackPressureError:
+                response = None  # never assigned to a replica: nothing to cancel (cancel() would raise it again)
+                raise ApiError(503, f"all engine replicas are busy and {self.cfg.max_queued_requests} requests wait already; "
+                                    f"retry in {self.cfg.retry_after_s}s", "overloaded", retry_after_s=self.cfg.retry_after_s) from None
             except REPLICA_FAILURES as err:
                 if sent or attempt == MAX_ATTEMPTS:
                     raise ApiError(503, f"engine replica failed during the reply: {type(err).__name__}", "replica_failed") from None
@@ -199,7 +222,8 @@ class ChatIngress:
                     yield ("restart", None)
                 await asyncio.sleep(0.5 * attempt)
             finally:
-                response.cancel()  # no-op when finished; stops the replica's work when we give up
+                if response is not None:
+                    response.cancel()  # no-op when finished; stops the replica's work when we give up
 
     def _chunk(self, rid: str, created: int, delta: dict, finish_reason=None, usage=None) -> str:
         body = {
@@ -236,13 +260,28 @@ class ChatIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         try:
-            self._authorize(request)
-            req = to_chat_request(parse_json(await self._read_body(request)), self.cfg)
+            req = await self._chat_request(request)
         except ApiError as err:
             return _error(err)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(self._sse(req, rid, created), media_type="text/event-stream")
+            # The first event decides the status: an overloaded engine or a refused prompt is a 4xx/503
+            # the client can act on, not a 200 followed by an error event.
+            events = self._engine_events(req, restartable=False)
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            try:
+                async with asyncio.timeout(self.cfg.request_timeout_s):
+                    first = await anext(events)
+                if first[0] == "error":
+                    raise ApiError(*first[1])
+            except (ApiError, TimeoutError, StopAsyncIteration) as err:
+                await events.aclose()
+                if isinstance(err, TimeoutError):
+                    err = ApiError(504, f"no reply within the request timeout of {self.cfg.request_timeout_s}s", "timeout")
+                elif isinstance(err, StopAsyncIteration):
+                    err = ApiError(503, "the engine ended the reply without an event", "replica_failed")
+                return _error(err)
+            return StreamingResponse(self._sse(req, rid, created, first, events, deadline), media_type="text/event-stream")
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 text, done = [], None
@@ -266,12 +305,20 @@ class ChatIngress:
             "usage": self._usage(done),
         }
 
-    async def _sse(self, req: ChatRequest, rid: str, created: int) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; errors after the 200 arrive as an error event."""
+    async def _sse(self, req: ChatRequest, rid: str, created: int, first: tuple, events: AsyncIterator[tuple],
+                   deadline: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format (``first`` then the rest of ``events``); errors
+        after the 200 arrive as an error event."""
+
+        async def all_events() -> AsyncIterator[tuple]:
+            yield first
+            async for event in events:
+                yield event
+
         yield self._chunk(rid, created, {"role": "assistant", "content": ""})
         try:
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for kind, value in self._engine_events(req, restartable=False):
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())):
+                async for kind, value in all_events():
                     if kind == "delta":
                         yield self._chunk(rid, created, {"content": value})
                     elif kind == "error":
@@ -285,6 +332,8 @@ class ChatIngress:
             yield f"data: {json.dumps(err.body())}\n\n"
         except ApiError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            await events.aclose()  # a client gone mid-reply stops the engine's work
         yield "data: [DONE]\n\n"
 
 
@@ -309,6 +358,7 @@ def build_app(cfg: BlspRayConfig, checkpoint: str | None = None):
             "look_back_period_s": sc.look_back_period_s,
         },
         max_ongoing_requests=sc.max_ongoing_requests,
+        max_queued_requests=sc.max_queued_requests,
         ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica, "runtime_env": runtime_env},
     ).bind(checkpoint, sc.model_dump(), sc.engine_dtype(cfg.model), cfg.cluster.s3.model_dump())
     return ChatIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(engine, sc.model_dump())

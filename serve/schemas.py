@@ -15,22 +15,28 @@ from typing import Annotated, Literal
 
 import numpy as np
 import soundfile as sf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from blsp_ray.config import ServeConfig
 from blsp_ray.engines import GenerationSettings
 from blsp_ray.model.audio import AudioError, check_duration, decode_audio, duration_s
+from blsp_ray.model.prompts import CHAT_TURN_MARKERS
 from blsp_ray.speech_lm import ChatTurn
 
+# Checked from the header, before decoding: what a clip may cost to decode (a 29 s FLAC of 8
+# channels at 655 kHz is 165 KB of bytes and 600 MB of samples).
+MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8
 AUDIO_FORMATS = {"wav", "flac"}  # what libsndfile decodes reliably; others are rejected, not guessed
 
 
 class ApiError(Exception):
     """An error the client caused (4xx) or may retry (503/504), returned in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after_s = retry_after_s  # sent as Retry-After
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -68,21 +74,28 @@ class Message(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+# Below this a temperature only overflows the softmax (inf/nan probabilities); it samples as greedy would.
+MIN_TEMPERATURE = 1e-3
+INT64 = 2**63
 
 
 class ChatCompletionRequest(_Strict):
-    model: str | None = None
+    # JSON types are strict: "max_tokens": true or "16" is an error, not 1 or 16.
+    model: StrictStr | None = None
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
+    stop: StrictStr | list[StrictStr] | None = Field(None, max_length=4)  # OpenAI: up to 4 stop sequences
     n: Literal[1] = 1  # one choice per request
-    user: str | None = None
+    user: StrictStr | None = None
 
 
 @dataclass
@@ -91,7 +104,7 @@ class ChatRequest:
 
     turns: list[ChatTurn]
     header: str
-    sampling: GenerationSettings  # no stop strings: a chat reply ends at EOS or max_tokens
+    sampling: GenerationSettings  # stops at the chat template's turn markers and the request's ``stop``
     stream: bool
     include_usage: bool
     audio_seconds: float
@@ -102,14 +115,38 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, f"request body is not valid JSON: {err}", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", "invalid_json")
+    try:
+        # JSON escapes can spell lone UTF-16 surrogates ("\ud800"), which no tokenizer can encode.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds a lone UTF-16 surrogate escape (not text)", "invalid_text") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
     return data
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
 def _validation_message(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # The deepest error is the specific one (an unknown field inside a part, not "content is not a
+    # string"); loc entries naming union alternatives ("str", "list[...]") are pydantic's, not the client's.
+    first = max(err.errors(), key=lambda e: len(e["loc"]))
+    path: list = []
+    tag_next = False
+    for p in first["loc"]:
+        if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p):
+            continue
+        if tag_next:  # a content part's type tag: pydantic puts the discriminator's value in the path
+            tag_next = False
+            continue
+        path.append(p)
+        tag_next = len(path) >= 2 and path[-2] == "content" and isinstance(p, int)
+    loc = ".".join(str(p) for p in path)
     if first["type"] == "extra_forbidden":
         return f"unknown field {loc!r}", loc
     return f"{loc}: {first['msg']}", loc
@@ -130,6 +167,9 @@ def decode_input_audio(part: InputAudio, where: str, cfg: ServeConfig) -> np.nda
         info = sf.info(io.BytesIO(raw))
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
         raise ApiError(400, f"{where}: audio cannot be decoded as {fmt}: {err}", "undecodable_audio", where) from None
+    if info.samplerate > MAX_SAMPLE_RATE or info.channels > MAX_CHANNELS:
+        raise ApiError(400, f"{where}: {info.channels} channels at {info.samplerate} Hz: at most {MAX_CHANNELS} channels "
+                            f"at {MAX_SAMPLE_RATE} Hz are read", "bad_sample_rate", where)
     if info.samplerate < cfg.min_sample_rate:
         raise ApiError(400, f"{where}: sample rate {info.samplerate} Hz is below {cfg.min_sample_rate} Hz", "bad_sample_rate", where)
     seconds = info.frames / info.samplerate
@@ -195,9 +235,14 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     max_tokens = req.max_completion_tokens or req.max_tokens or cfg.max_new_tokens
     if max_tokens > cfg.max_new_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {cfg.max_new_tokens}", "max_tokens_too_large", "max_tokens")
+    temperature = cfg.temperature if req.temperature is None else float(req.temperature)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stops):
+        raise ApiError(400, "stop: a stop sequence must not be empty", "invalid_request", "stop")
     sampling = GenerationSettings(
         max_new_tokens=max_tokens,
-        temperature=cfg.temperature if req.temperature is None else req.temperature,
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
+        stop=(*CHAT_TURN_MARKERS, *stops),
         top_p=cfg.top_p if req.top_p is None else req.top_p,
         seed=req.seed if req.seed is not None else cfg.seed,
     )

@@ -144,7 +144,7 @@ def test_every_path_field_is_typed_as_a_path():
     ("data.sample_rate", "16000", r"16 kHz"),
     ("cluster.dashboard_host", "127.0.0.1", r"nothing read it"),
     ("serve.batch_size", "8", r"batches concurrent requests itself"),
-    ("serve.stop", "['###']", r"never applied stop strings"),
+    ("serve.stop", "['###']", r"turn markers"),
     ("serve.resources_per_replica", "{GPU: 1}", r"ray_actor_options"),
     ("serve.vllm_multiprocessing", "true", r"own process"),
 ])

@@ -169,3 +169,25 @@ def test_async_vllm_streams_speech_embeds(checkpoint, clips):
     print(f"\nasync vLLM stream == transformers on {same}/{len(expected)} clips")
     assert same >= len(expected) - 1
     assert all(text == final.text for text, final in results)
+
+
+def test_streamed_reply_ends_before_its_stop_string(checkpoint, clips):
+    """The transformers stream (serving's path) stops at a stop string and never emits any part of
+    it; chat requests always stop at the template's turn markers."""
+    from blsp_ray.config import ServeConfig
+    from blsp_ray.engines import GenerationSettings, cut_at_stop
+    from blsp_ray.model.prompts import CHAT_TURN_MARKERS
+    from blsp_ray.speech_lm import ChatTurn, SpeechLM
+    from serve.schemas import to_chat_request
+
+    assert "".join(cut_at_stop(iter("abc###[Human]:def"), CHAT_TURN_MARKERS)) == "abc"
+    assert "".join(cut_at_stop(iter(["ab#", "#x", "yz"]), ("###",))) == "ab##xyz"  # a near-miss is held, then released
+    speech_lm = SpeechLM.from_checkpoint(str(checkpoint), GenerateConfig(engine="transformers"), GenerationSettings(max_new_tokens=24))
+    embeds = speech_lm.prompt_embeds([ChatTurn(instruction=INSTRUCTION, speech=load_audio(clips[0]["audio"]))])
+    full = "".join(speech_lm.stream(embeds))
+    assert len(full) > 6, full
+    stop = full[3:6]
+    pieces = list(speech_lm.stream(embeds, GenerationSettings(max_new_tokens=24, stop=(stop,))))
+    assert "".join(pieces) == full[: full.find(stop)]
+    req = to_chat_request({"messages": [{"role": "user", "content": "hi"}], "stop": ["END"]}, ServeConfig())
+    assert req.sampling.stop == (*CHAT_TURN_MARKERS, "END")

@@ -96,6 +96,7 @@ def app(ray_cluster, checkpoint, tiny_assets):
                 "max_audio_seconds": 5,
                 "auth_token_env": "BLSP_TEST_TOKEN",
                 "request_timeout_s": 60,
+                "body_timeout_s": 2,
             },
         }
     )
@@ -115,8 +116,8 @@ def client(app):
     return OpenAI(base_url=app["url"] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
 
 
-def post(app, body, token: str | None = TOKEN, raw: bytes | None = None) -> requests.Response:
-    headers = {"Content-Type": "application/json"}
+def post(app, body, token: str | None = TOKEN, raw: bytes | None = None, content_type: str = "application/json") -> requests.Response:
+    headers = {"Content-Type": content_type}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = raw if raw is not None else json.dumps(body).encode()
@@ -215,6 +216,19 @@ MALFORMED = {
     "negative_temperature": ({"messages": [user("hi")], "temperature": -1}, None, 400, "invalid_request"),
     "unknown_model": ({"model": "gpt-4o", "messages": [user("hi")]}, None, 404, "model_not_found"),
     "body_too_large": ({"messages": [user("x" * 1_100_000)]}, None, 413, "body_too_large"),
+    # Shapes that were 500s: JSON nested 10k deep, a clip under Whisper's 201-sample floor, seeds
+    # outside int64, a lone surrogate escape, NaN.
+    "nested_10k_deep": (None, b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400, "invalid_json"),
+    "wav_of_100_samples": ({"messages": [user("x", wav_bytes(100 / 16000))]}, None, 400, "audio_too_short"),
+    "wav_of_200_samples": ({"messages": [user("x", wav_bytes(200 / 16000))]}, None, 400, "audio_too_short"),
+    "seed_2_pow_64": ({"messages": [user("hi")], "seed": 2**64}, None, 400, "invalid_request"),
+    "seed_below_int64": ({"messages": [user("hi")], "seed": -(2**63) - 1}, None, 400, "invalid_request"),
+    "lone_surrogate": (None, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "invalid_text"),
+    "nan_temperature": (None, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "invalid_request"),
+    # Strict JSON types.
+    "max_tokens_true": ({"messages": [user("hi")], "max_tokens": True}, None, 400, "invalid_request"),
+    "max_tokens_string": ({"messages": [user("hi")], "max_tokens": "16"}, None, 400, "invalid_request"),
+    "stream_string": ({"messages": [user("hi")], "stream": "yes"}, None, 400, "invalid_request"),
 }
 
 
@@ -225,6 +239,27 @@ def test_malformed_request_is_4xx_with_reason(app, kind):
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert err["code"] == code and err["message"]
+
+
+def test_unknown_part_field_names_the_field(app):
+    resp = post(app, MALFORMED["unknown_part_field"][0])
+    assert resp.json()["error"]["message"] == "unknown field 'messages.0.content.0.extra'", resp.text
+
+
+def test_json_routes_require_json(app):
+    """A text/plain POST (what a web page may send cross-site without a preflight) runs nothing."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        resp = post(app, {"messages": [user("hi")]}, content_type=content_type)
+        assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type", resp.text
+    assert post(app, {"messages": [user("hi")], "max_tokens": 2}, content_type="application/json; charset=utf-8").status_code == 200
+
+
+def test_tiny_temperature_is_greedy_not_an_error(app):
+    """temperature 1e-300 overflowed the softmax (a 500); below 1e-3 it now samples as greedy."""
+    body = {"messages": [user("hi")], "max_tokens": 6}
+    tiny = post(app, {**body, "temperature": 1e-300})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"]["content"] == post(app, {**body, "temperature": 0}).json()["choices"][0]["message"]["content"]
 
 
 def test_body_limit_without_content_length(app):
@@ -238,6 +273,63 @@ def test_body_limit_without_content_length(app):
     resp = requests.post(app["url"] + "/v1/chat/completions", data=chunks(),
                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, timeout=60)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+def test_stalled_body_is_cut_at_the_body_deadline(app):
+    """Headers and 5 of 1,000 declared bytes, then silence: 408 at serve.body_timeout_s, not a held connection."""
+    import socket
+
+    host, port = app["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"mes").encode())
+        t0 = time.time()
+        reply = sock.recv(4096).decode(errors="replace")
+        waited = time.time() - t0
+    assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply, reply
+    assert waited < app["cfg"].serve.body_timeout_s + 5
+
+
+def test_audio_bomb_is_refused_from_its_header(app):
+    """165 KB of FLAC that decodes to 600 MB (8 channels, 655,350 Hz, 29 s) is refused before decoding."""
+    bomb = io.BytesIO()
+    sf.write(bomb, np.zeros((655_350 * 29, 8), np.int16), 655_350, format="FLAC", subtype="PCM_16")
+    assert len(bomb.getvalue()) < 1_000_000
+    t0 = time.time()
+    resp = post(app, {"messages": [{"role": "user", "content": [audio_part(bomb.getvalue(), "flac")]}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_sample_rate", resp.text
+    assert time.time() - t0 < 1.0
+
+
+def test_overload_gets_503_with_retry_after(app):
+    """One replica taking 1 request with 1 queued, 8 clients at once: 200s and 503 + Retry-After
+    only (no 504, nobody waits out the request timeout)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = app["cfg"].model_copy(deep=True)
+    cfg.serve = cfg.serve.model_copy(update={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1,
+                                             "max_queued_requests": 1, "retry_after_s": 3})
+    serve.run(build_app(cfg), name="overload", route_prefix="/overload")
+    try:
+        def one(_) -> requests.Response:
+            return requests.post(app["url"] + "/overload/v1/chat/completions", timeout=60,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+                                 data=json.dumps({"messages": [user("hi", wav_bytes(1.0))], "max_tokens": 32}))
+
+        assert one(0).status_code == 200  # the replica is up
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(one, range(8)))
+        statuses = sorted(r.status_code for r in replies)
+        print(f"\noverload: 8 concurrent requests on 1 ongoing + 1 queued -> {statuses} in {time.time() - t0:.1f}s")
+        assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+        for r in replies:
+            if r.status_code == 503:
+                assert r.headers["Retry-After"] == "3" and r.json()["error"]["code"] == "overloaded"
+    finally:
+        serve.delete("overload")
 
 
 def test_auth_required(app):

@@ -12,6 +12,7 @@ import torch
 
 from blsp_ray.config import ServeConfig
 from blsp_ray.engines import GenerationSettings
+from blsp_ray.model.prompts import CHAT_TURN_MARKERS
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import BlspProcessor
 from blsp_ray.speech_lm import ChatTurn, SpeechLM
@@ -101,7 +102,7 @@ def test_request_to_turns_resamples_and_keeps_history():
     assert first.instruction == "What is this?" and first.reply == "A tone."
     assert first.speech.dtype == np.float32 and abs(len(first.speech) - 16000) <= 1  # 44.1 kHz stereo -> 16 kHz mono
     assert second.instruction == "Louder?" and second.speech is None and second.reply is None
-    assert req.sampling == GenerationSettings(max_new_tokens=8, temperature=0.5, top_p=1.0, seed=cfg.seed)
+    assert req.sampling == GenerationSettings(max_new_tokens=8, temperature=0.5, top_p=1.0, seed=cfg.seed, stop=CHAT_TURN_MARKERS)
 
 
 @pytest.mark.parametrize(

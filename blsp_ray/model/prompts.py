@@ -21,6 +21,8 @@ def speech_prompt_parts(instruction: str) -> tuple[str, str]:
     return f"{HUMAN}{instruction}", ASSISTANT
 
 
+# A reply ends where the LM starts the next turn: chat replies stop at these (never shown).
+CHAT_TURN_MARKERS = (HUMAN, ASSISTANT.lstrip())
 CHAT_TURN_END = "\n\n\n"  # the original release's chat demo closes each assistant reply with this before the next turn
 
 
