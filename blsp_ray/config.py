@@ -382,6 +382,7 @@ class ServeConfig(EngineConfig, SpeechCheckpointConfig):
     min_sample_rate: int = Field(8000, ge=1)  # audio below this is rejected; other rates are resampled to 16 kHz
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(30.0, gt=0)
+    max_text_bytes: int = Field(64 * 1024, ge=1)  # text of one request in all (UTF-8), refused before tokenising
     auth_token_env: str | None = None  # name of an env var holding a bearer token; None: no auth
     request_timeout_s: float = Field(60.0, gt=0)
     body_timeout_s: float = Field(10.0, gt=0)  # the whole request body must arrive within this (408 otherwise)

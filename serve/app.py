@@ -138,6 +138,11 @@ class BlspEngine:
                 await asyncio.shield(worker)  # the next request starts only when this one has stopped
 
 
+def _ignored_header(req: ChatRequest) -> dict | None:
+    """Fields the request set that were accepted and not applied (OpenAI clients send some by default)."""
+    return {"X-Ignored-Fields": ", ".join(req.ignored)} if req.ignored else None
+
+
 def _error(err: ApiError) -> JSONResponse:
     headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
@@ -281,7 +286,8 @@ class ChatIngress:
                 elif isinstance(err, StopAsyncIteration):
                     err = ApiError(503, "the engine ended the reply without an event", "replica_failed")
                 return _error(err)
-            return StreamingResponse(self._sse(req, rid, created, first, events, deadline), media_type="text/event-stream")
+            return StreamingResponse(self._sse(req, rid, created, first, events, deadline), media_type="text/event-stream",
+                                     headers=_ignored_header(req))
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 text, done = [], None
@@ -298,12 +304,12 @@ class ChatIngress:
             return _error(ApiError(504, f"no complete reply within the request timeout of {self.cfg.request_timeout_s}s", "timeout"))
         except ApiError as err:
             return _error(err)
-        return {
+        return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": self.cfg.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                          "finish_reason": done["finish_reason"], "logprobs": None}],
             "usage": self._usage(done),
-        }
+        }, headers=_ignored_header(req))
 
     async def _sse(self, req: ChatRequest, rid: str, created: int, first: tuple, events: AsyncIterator[tuple],
                    deadline: float) -> AsyncIterator[str]:

@@ -10,7 +10,8 @@ import base64
 import binascii
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
@@ -27,7 +28,9 @@ from blsp_ray.speech_lm import ChatTurn
 # channels at 655 kHz is 165 KB of bytes and 600 MB of samples).
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 8
-AUDIO_FORMATS = {"wav", "flac"}  # what libsndfile decodes reliably; others are rejected, not guessed
+# A part's `format` label -> the container libsndfile must find in its bytes; others are refused, not guessed.
+AUDIO_FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 class ApiError(Exception):
@@ -68,9 +71,13 @@ Part = Annotated[TextPart | AudioPart, Field(discriminator="type")]
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[Part]
     name: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object / json_schema would need constrained decoding: refused
 
 
 class StreamOptions(_Strict):
@@ -96,6 +103,10 @@ class ChatCompletionRequest(_Strict):
     stop: StrictStr | list[StrictStr] | None = Field(None, max_length=4)  # OpenAI: up to 4 stop sequences
     n: Literal[1] = 1  # one choice per request
     user: StrictStr | None = None
+    # Accepted, not applied (the engines here have no such penalties): listed in X-Ignored-Fields.
+    presence_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | StrictInt | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
 
 
 @dataclass
@@ -108,6 +119,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     audio_seconds: float
+    ignored: list[str] = field(default_factory=list)  # request fields accepted but not applied
 
 
 def parse_json(body: bytes) -> dict:
@@ -166,7 +178,10 @@ def decode_input_audio(part: InputAudio, where: str, cfg: ServeConfig) -> np.nda
     try:
         info = sf.info(io.BytesIO(raw))
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
-        raise ApiError(400, f"{where}: audio cannot be decoded as {fmt}: {err}", "undecodable_audio", where) from None
+        raise ApiError(400, f"{where}: audio cannot be decoded as {fmt}: {_BYTESIO.sub('the audio', str(err))}",
+                       "undecodable_audio", where) from None
+    if info.format != AUDIO_FORMATS[fmt]:
+        raise ApiError(400, f"{where}: labelled {fmt!r} but the bytes are {info.format}", "audio_format_mismatch", where)
     if info.samplerate > MAX_SAMPLE_RATE or info.channels > MAX_CHANNELS:
         raise ApiError(400, f"{where}: {info.channels} channels at {info.samplerate} Hz: at most {MAX_CHANNELS} channels "
                             f"at {MAX_SAMPLE_RATE} Hz are read", "bad_sample_rate", where)
@@ -195,6 +210,11 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     if req.model is not None and req.model != cfg.model_name:
         raise ApiError(404, f"model {req.model!r} not found (this server serves {cfg.model_name!r})", "model_not_found", "model")
 
+    text_bytes = sum(len(p.text.encode()) for m in req.messages
+                     for p in ([TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
+                     if isinstance(p, TextPart))
+    if text_bytes > cfg.max_text_bytes:  # before any tokenising: the cost of a request is bounded up front
+        raise ApiError(400, f"the messages hold {text_bytes} bytes of text, more than the limit of {cfg.max_text_bytes}", "text_too_long", "messages")
     header = cfg.system_prompt
     turns: list[ChatTurn] = []
     audio_seconds = 0.0
@@ -203,7 +223,7 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
         parts = [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
         texts = [p.text for p in parts if isinstance(p, TextPart)]
         audios = [p for p in parts if isinstance(p, AudioPart)]
-        if msg.role == "system":
+        if msg.role in ("system", "developer"):
             if turns or audios:
                 raise ApiError(400, f"{where}: a system message (text only) may only open the conversation", "invalid_messages", where)
             header = " ".join(texts) + "\n"
@@ -247,4 +267,5 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
         seed=req.seed if req.seed is not None else cfg.seed,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatRequest(turns, header, sampling, req.stream, include_usage, audio_seconds)
+    ignored = [k for k in ("presence_penalty", "frequency_penalty") if getattr(req, k)]
+    return ChatRequest(turns, header, sampling, req.stream, include_usage, audio_seconds, ignored)

@@ -208,7 +208,10 @@ MALFORMED = {
     "bad_base64": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "!!not base64!!", "format": "wav"}}]}]}, None, 400, "invalid_base64"),
     "sample_rate_too_low": ({"messages": [user("x", wav_bytes(0.5, rate=4000))]}, None, 400, "bad_sample_rate"),
     "audio_too_long": ({"messages": [user("x", wav_bytes(6.0))]}, None, 400, "audio_too_long"),
-    "unsupported_format": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO, "mp3")]}]}, None, 400, "unsupported_audio_format"),
+    "unsupported_format": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO, "ogg")]}]}, None, 400, "unsupported_audio_format"),
+    "format_label_mismatch": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO, "mp3")]}]}, None, 400, "audio_format_mismatch"),
+    "json_response_format": ({"messages": [user("hi")], "response_format": {"type": "json_object"}}, None, 400, "invalid_request"),
+    "text_over_max_text_bytes": ({"messages": [user("x" * 70_000)]}, None, 400, "text_too_long"),
     "path_not_opened": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": base64.b64encode(b"/etc/passwd").decode(), "format": "wav"}}]}]}, None, 400, "undecodable_audio"),
     "last_is_assistant": ({"messages": [user("hi"), {"role": "assistant", "content": "hello"}]}, None, 400, "invalid_messages"),
     "two_audios": ({"messages": [{"role": "user", "content": [audio_part(GOOD_AUDIO), audio_part(GOOD_AUDIO)]}]}, None, 400, "invalid_messages"),
@@ -254,6 +257,20 @@ def test_json_routes_require_json(app):
     assert post(app, {"messages": [user("hi")], "max_tokens": 2}, content_type="application/json; charset=utf-8").status_code == 200
 
 
+def test_openai_client_fields_and_mp3(app):
+    """What OpenAI-compatible clients send: the developer role, penalties (accepted, not applied, and
+    said so), response_format text; mp3 audio decodes."""
+    buf = io.BytesIO()
+    t = np.arange(16000) / 16000
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="MP3", subtype="MPEG_LAYER_III")
+    mp3 = buf.getvalue()
+    resp = post(app, {"messages": [{"role": "developer", "content": "Be brief."},
+                                   {"role": "user", "content": [{"type": "text", "text": "What is this?"}, audio_part(mp3, "mp3")]}],
+                      "presence_penalty": 0.5, "frequency_penalty": 0, "response_format": {"type": "text"}, "max_tokens": 4})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Ignored-Fields"] == "presence_penalty"
+
+
 def test_tiny_temperature_is_greedy_not_an_error(app):
     """temperature 1e-300 overflowed the softmax (a 500); below 1e-3 it now samples as greedy."""
     body = {"messages": [user("hi")], "max_tokens": 6}
@@ -286,6 +303,8 @@ def test_stalled_body_is_cut_at_the_body_deadline(app):
         t0 = time.time()
         reply = sock.recv(4096).decode(errors="replace")
         waited = time.time() - t0
+        while "body_timeout" not in reply and (more := sock.recv(4096)):
+            reply += more.decode(errors="replace")
     assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply, reply
     assert waited < app["cfg"].serve.body_timeout_s + 5
 
