@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # BLSP-mini: real small weights; configs/tiny.yaml: random weights, 4 minutes
 CONFIG ?= configs/mini.yaml
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup bench clean
 
 # Debian packages: TTS voices (espeak-ng, flite), WordNet example sentences (the text BLSP-mini speaks),
 # and chromium for the chat page browser test.
@@ -28,6 +28,9 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest tests
+
+bench: setup  # every benchmark, one table (quiet machine: about 20 min on 2 CPUs)
+	$(VENV)/bin/python benchmarks/run_all.py --config configs/mini.yaml --out runs/bench.json
 
 clean:
 	rm -rf $(VENV) runs assets data

@@ -15,6 +15,7 @@ with ``stage2.cache_encoder_outputs``: the encoder ran once before training, ste
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -119,6 +120,9 @@ def main() -> None:
     print(f"ours (real-length, masked encoder):          {ours:8.2f} samples/s   loss after {args.steps + 1} steps {loss_ours:.4f}")
     print(f"ours + cached encoder outputs:               {cached:8.2f} samples/s   loss after {args.steps + 1} steps {loss_cached:.4f}")
     print(f"speed-up: {ours / original:.2f}x (real-length), {cached / original:.2f}x (+ cached encoder outputs)")
+    print(json.dumps({"samples_per_s": {"original": original, "ours": ours, "ours_cached": cached},
+                      "loss": {"original": loss_original, "ours": loss_ours, "ours_cached": loss_cached}, "steps": args.steps,
+                      "batch": len(wavs)}))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import LlamaForCausalLM, WhisperConfig
 
 from blsp_ray.config import load_config
 from blsp_ray.io.storage import read_jsonl
@@ -17,10 +15,10 @@ from blsp_ray.model.modeling import (
     blsp_config_for,
     build_blsp_from_parts,
     load_blsp,
-    load_whisper_encoder,
     to_device,
 )
 from blsp_ray.model.processing import IGNORE, BlspProcessor
+from original_release import OriginalForward, write_original_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
@@ -126,53 +124,11 @@ def test_save_load_round_trip_full_and_adapter_only(parts, clips, tmp_path, tiny
         torch.testing.assert_close(_logits(loaded, proc, wav), before, rtol=0, atol=0)
 
 
-def _reference_original_forward(state, whisper_cfg, kernel_sizes, lm, prefix_ids, suffix_ids, feats_30s, n_frames):
-    """The original release's forward, written from the facts of its code (../shared/seed/FACTS.md):
-    the library Whisper encoder over 30 s of padding, cut to the real length, then conv+GLU layers
-    (no masking), the residual bottleneck adapter, LayerNorm, and [prefix | speech | suffix] into the LM."""
-    enc = WhisperEncoder(whisper_cfg)
-    enc.load_state_dict({k[len("whisper_model."):]: v for k, v in state.items() if k.startswith("whisper_model.")})
-    enc.eval()
-    h = enc(feats_30s).last_hidden_state  # [1, 1500, d]
-    out_len = (n_frames - 1) // 2 + 1
-    x = h[:, :out_len].transpose(1, 2)
-    for i, k in enumerate(kernel_sizes):
-        x = F.conv1d(x, state[f"subsampler.conv_layers.{i}.weight"], state[f"subsampler.conv_layers.{i}.bias"], stride=2, padding=k // 2)
-        x = F.glu(x, dim=1)
-    x = x.transpose(1, 2)
-    x = x + F.linear(F.gelu(F.linear(x, state["adapter.fc1.weight"])), state["adapter.fc2.weight"])
-    x = F.layer_norm(x, (x.shape[-1],), state["speech_ln.weight"], state["speech_ln.bias"], eps=1e-5)
-    emb = lm.get_input_embeddings()
-    inputs = torch.cat([emb(prefix_ids), x, emb(suffix_ids)], dim=1)
-    return lm(inputs_embeds=inputs).logits
-
-
 def test_original_checkpoint_layout_loads_with_parity(tiny_assets, clips, tmp_path):
-    torch.manual_seed(1)
-    lm = LlamaForCausalLM.from_pretrained(tiny_assets / "lm").eval()
-    whisper = load_whisper_encoder(tiny_assets / "whisper")
-    d, hidden, inner, kernels = whisper.config.d_model, lm.config.hidden_size, 48, [5, 5, 5]
-    # A checkpoint as the original release writes it: its key names, its config fields, a .bin file.
-    state = {f"whisper_model.{k}": v for k, v in whisper.state_dict().items()}
-    state.update({f"llama_model.{k}": v for k, v in lm.state_dict().items()})
-    for i, k in enumerate(kernels):
-        c_in = d  # first layer: d_model; later layers: GLU halves 2 x d_model back to d_model
-        c_out = 2 * d if i < len(kernels) - 1 else 2 * hidden
-        state[f"subsampler.conv_layers.{i}.weight"] = torch.randn(c_out, c_in, k) * 0.05
-        state[f"subsampler.conv_layers.{i}.bias"] = torch.randn(c_out) * 0.05
-    state["adapter.fc1.weight"] = torch.randn(inner, hidden) * 0.05
-    state["adapter.fc2.weight"] = torch.randn(hidden, inner) * 0.05
-    state["speech_ln.weight"] = 1 + 0.1 * torch.randn(hidden)
-    state["speech_ln.bias"] = 0.1 * torch.randn(hidden)
+    # A checkpoint as the original release writes it (its key names, its config fields, a .bin file)
+    # and its forward, both from tests/original_release.py.
     ckpt = tmp_path / "blsp_original"
-    ckpt.mkdir()
-    torch.save(state, ckpt / "pytorch_model.bin")
-    (ckpt / "config.json").write_text(json.dumps({
-        "architectures": ["BlspModel"], "model_type": "blsp",
-        "whisper_config": whisper.config.to_dict(), "llama_config": lm.config.to_dict(),
-        "conv_kernel_sizes": "5,5,5", "adapter_inner_dim": inner,
-    }))
-
+    state = write_original_checkpoint(tiny_assets / "lm", tiny_assets / "whisper", ckpt)
     model = load_blsp(ckpt, pad_audio_to_30s=True).eval()
     for k, v in state.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
@@ -182,14 +138,13 @@ def test_original_checkpoint_layout_loads_with_parity(tiny_assets, clips, tmp_pa
     ex = proc.speech_prompt(INSTRUCTION)
     batch = proc.collate_speech([ex], [wav])
     assert batch["speech"].features.shape[-1] == 3000
+    original = OriginalForward(state, WhisperConfig.from_pretrained(tiny_assets / "whisper"),
+                               LlamaForCausalLM.from_pretrained(tiny_assets / "lm"))
     with torch.no_grad():
         ours = model(**batch).logits
-        ref = _reference_original_forward(
-            state, whisper.config, kernels, lm,
-            torch.tensor([ex["prefix_ids"]]), torch.tensor([ex["suffix_ids"]]),
-            batch["speech"].features, int(batch["speech"].frame_lengths[0]),
-        )
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    ref = original.logits(ex["prefix_ids"], original.speech(batch["speech"].features, int(batch["speech"].frame_lengths[0])),
+                          ex["suffix_ids"])
+    torch.testing.assert_close(ours[0], ref, atol=1e-4, rtol=1e-4)
 
     # Without the padding switch the same weights see only the real frames: close, not equal.
     real = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
