@@ -534,13 +534,18 @@ def test_chat_page_in_headless_chromium(app, tmp_path):
         cdp.eval("document.getElementById('send').click()")
         first = cdp.wait_for(LAST_REPLY)
         assert first.startswith("turn assistant|BLSP: ") and len(first) > len("turn assistant|BLSP: "), first
-        # Turn 2: text only, the history (with the audio) goes along.
+        audio_parts = "lastSent.messages.flatMap((m) => Array.isArray(m.content) ? m.content : []).filter((p) => p.type === 'input_audio').length"
+        assert cdp.eval(audio_parts) == 1
+        # Turn 2: text only; the history goes along, its clip left out (the server's audio limit holds however long the chat).
         cdp.eval("document.getElementById('instruction').value = 'Say more.'")
         cdp.eval("document.getElementById('send').click()")
         cdp.wait_for("document.querySelectorAll('.turn.assistant, .turn.error').length === 2")
         second = cdp.wait_for(LAST_REPLY)
         assert second.startswith("turn assistant|BLSP: "), second
         assert cdp.eval("messages.length") == 4
+        assert cdp.eval(audio_parts) == 0
+        assert cdp.eval("lastSent.messages[0].content.at(-1).text") == "[audio from an earlier turn, not re-sent]"
+        assert "earlier clips are not re-sent" in cdp.eval("document.getElementById('log').textContent")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = cdp.call("Page.captureScreenshot", format="png")["data"]
         (ARTIFACTS / "serve_chat_page.png").write_bytes(base64.b64decode(shot))
