@@ -273,9 +273,9 @@ class ChatIngress:
             # The first event decides the status: an overloaded engine or a refused prompt is a 4xx/503
             # the client can act on, not a 200 followed by an error event.
             events = self._engine_events(req, restartable=False)
-            deadline = time.monotonic() + self.cfg.request_timeout_s
+            deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s  # the whole reply's
             try:
-                async with asyncio.timeout(self.cfg.request_timeout_s):
+                async with asyncio.timeout_at(deadline):
                     first = await anext(events)
                 if first[0] == "error":
                     raise ApiError(*first[1])
@@ -323,7 +323,7 @@ class ChatIngress:
 
         yield self._chunk(rid, created, {"role": "assistant", "content": ""})
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())):
+            async with asyncio.timeout_at(deadline):
                 async for kind, value in all_events():
                     if kind == "delta":
                         yield self._chunk(rid, created, {"content": value})

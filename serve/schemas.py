@@ -200,6 +200,11 @@ def decode_input_audio(part: InputAudio, where: str, cfg: ServeConfig) -> np.nda
         raise ApiError(400, str(err), code, where) from None
 
 
+def _parts(msg: Message) -> list:
+    """A message's content as parts (a plain string is one text part)."""
+    return [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
+
+
 def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     """Validate an OpenAI chat-completions body into turns + sampling settings."""
     try:
@@ -210,9 +215,7 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     if req.model is not None and req.model != cfg.model_name:
         raise ApiError(404, f"model {req.model!r} not found (this server serves {cfg.model_name!r})", "model_not_found", "model")
 
-    text_bytes = sum(len(p.text.encode()) for m in req.messages
-                     for p in ([TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
-                     if isinstance(p, TextPart))
+    text_bytes = sum(len(p.text.encode()) for m in req.messages for p in _parts(m) if isinstance(p, TextPart))
     if text_bytes > cfg.max_text_bytes:  # before any tokenising: the cost of a request is bounded up front
         raise ApiError(400, f"the messages hold {text_bytes} bytes of text, more than the limit of {cfg.max_text_bytes}", "text_too_long", "messages")
     header = cfg.system_prompt
@@ -220,7 +223,7 @@ def to_chat_request(data: dict, cfg: ServeConfig) -> ChatRequest:
     audio_seconds = 0.0
     for i, msg in enumerate(req.messages):
         where = f"messages.{i}"
-        parts = [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
+        parts = _parts(msg)
         texts = [p.text for p in parts if isinstance(p, TextPart)]
         audios = [p for p in parts if isinstance(p, AudioPart)]
         if msg.role in ("system", "developer"):

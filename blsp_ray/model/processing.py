@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 
@@ -10,8 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from blsp_ray.drops import DropReason
-from blsp_ray.model.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError
+from blsp_ray.model.audio import SAMPLE_RATE, check_duration
 from blsp_ray.model.modeling import SpeechBatch
 from blsp_ray.model.prompts import speech_prompt_parts, text_prompt
 
@@ -58,7 +58,7 @@ def log_mel(
     F is the longest clip's frame count, or 3000 (30 s) with ``pad_audio_to_30s``, as the original.
     A clip of n samples has ceil(n / 160) real frames: the original's count (the extractor's
     sample mask, every 160th entry), a partial last hop included. Clips shorter than
-    ``MIN_SAMPLES`` raise ``AudioError`` (too_short).
+    ``audio.MIN_SAMPLES`` raise ``AudioError`` (too_short).
     """
     if (feature_extractor.sampling_rate, feature_extractor.hop_length) != (SAMPLE_RATE, HOP_LENGTH):
         raise ValueError(f"Whisper features at {feature_extractor.sampling_rate} Hz, hop {feature_extractor.hop_length}: "
@@ -66,8 +66,7 @@ def log_mel(
     lengths, padded = [], []
     for i, w in enumerate(waveforms):
         w = np.asarray(w, dtype=np.float32).reshape(-1)
-        if len(w) < MIN_SAMPLES:
-            raise AudioError(DropReason.TOO_SHORT, f"clip {i}: {len(w)} samples, Whisper features need at least {MIN_SAMPLES}")
+        check_duration(w, f"clip {i}", 0.0, math.inf)  # the one duration rule's floor (MIN_SAMPLES)
         frames = -(-len(w) // HOP_LENGTH)  # ceil
         lengths.append(frames)
         # Zeros to a whole hop, as the extractor's own padding puts there in the 30 s mode, so the

@@ -42,14 +42,14 @@ log = logging.getLogger(__name__)
 # ---- the batch job ------------------------------------------------------------------------------------
 
 
-def decode_row(row: dict, feature_extractor_path: str, min_duration_s: float, max_duration_s: float,
+def decode_row(row: dict, input_file: str, feature_extractor_path: str, min_duration_s: float, max_duration_s: float,
                pad_audio_to_30s: bool = False) -> dict:
     """CPU task: audio -> log-mel features [n_mels, F] (flattened), or the row's drop reason and detail.
 
     Any failure of this row is the row's error (a named reason where a check names it, else
     ``unexpected_error``); the job goes on with the other rows.
     """
-    out = {"line": row["line"], "where": row["where"], "source_json": row["source_json"], "error_reason": "",
+    out = {"line": row["line"], "source_json": row["source_json"], "error_reason": "",
            "error_detail": "", "features": np.zeros(0, np.float32), "n_mels": 0, "frames": 0}
     try:
         try:
@@ -65,7 +65,7 @@ def decode_row(row: dict, feature_extractor_path: str, min_duration_s: float, ma
     except RowDropped as err:
         out.update(error_reason=err.reason.value, error_detail=err.detail)
     except Exception as err:  # noqa: BLE001 - one row's failure, whatever it is, must not end the job
-        log.exception("%s: unexpected error decoding the row", row["where"])
+        log.exception("%s:%d: unexpected error decoding the row", input_file, row["line"])
         out.update(error_reason=DropReason.UNEXPECTED.value, error_detail=f"{type(err).__name__}: {err}")
     return out
 
@@ -110,7 +110,7 @@ class SpeechGenerationActor:
                     except Exception as err:  # noqa: BLE001
                         reasons[i] = DropReason.GENERATION_FAILED.value
                         details[i] = f"{type(err).__name__}: {err}"
-        return {"line": batch["line"], "where": batch["where"], "source_json": batch["source_json"], "response": responses,
+        return {"line": batch["line"], "source_json": batch["source_json"], "response": responses,
                 "error_reason": reasons, "error_detail": details}
 
 
@@ -118,8 +118,7 @@ def read_rows(input_file: str, s3: S3Config | None = None) -> list[dict]:
     """The manifest's non-blank lines, each with its 1-based line number (the place errors name)."""
     with open_input(input_file, s3) as f:
         lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace").read().splitlines()
-    return [{"line": n, "where": f"{input_file}:{n}", "source_json": line}
-            for n, line in enumerate(lines, start=1) if line.strip()]
+    return [{"line": n, "source_json": line} for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_model: str) -> dict:
@@ -133,7 +132,7 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     rows = read_rows(input_file, s3)
     init_ray(cfg)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * max(1, gc.max_replicas))))
-    ds = ds.map(decode_row, fn_kwargs=dict(feature_extractor_path=whisper_path, min_duration_s=cfg.data.min_duration_s,
+    ds = ds.map(decode_row, fn_kwargs=dict(input_file=input_file, feature_extractor_path=whisper_path, min_duration_s=cfg.data.min_duration_s,
                                            max_duration_s=cfg.data.max_duration_s,
                                            pad_audio_to_30s=checkpoint_pads_audio(local, gc.pad_audio_to_30s)),
                 num_cpus=0.5)
@@ -152,8 +151,9 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
             row = {"input": r["source_json"]}
         if r["error_reason"]:
             err = RowDropped(r["error_reason"], r["error_detail"])
-            row.update(error=f"{err.reason}: {r['where']}: {err.detail}", error_reason=err.reason.value)
-            summary.drop(err, r["where"])
+            where = f"{input_file}:{r['line']}"
+            row.update(error=f"{err.reason}: {where}: {err.detail}", error_reason=err.reason.value)
+            summary.drop(err, where)
         else:
             row["response"] = r["response"]
             summary.kept += 1
