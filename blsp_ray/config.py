@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The instruction the stage-1 LM continues transcripts under (labelling) and stage 2 trains the
 # speech prompt with: the original release's continue_writing prompt.
 CONTINUATION_INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
+# The transcription task's instruction: stage 2's transcription rows, the held-out table's
+# transcriptions, and the generate stage's default.
+TRANSCRIPTION_INSTRUCTION = "Please transcribe the following audio."
 
 
 class ConfigError(ValueError):
@@ -80,6 +83,10 @@ class ModelConfig(_Section):
     # A fresh adapter's LayerNorm gain = RMS of the LM's token embeddings (speech at the scale of
     # text); False: LayerNorm's gain 1, as the original.
     match_embedding_scale: bool = False
+    # Which adapter output positions the LM reads: "all" (the original), or "ctc_tokens", those
+    # where the adapter's greedy CTC reading emits a token (about one per spoken token; train it
+    # with stage2.alignment_steps). Saved with the checkpoint.
+    speech_positions: Literal["all", "ctc_tokens"] = "all"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Architectures (Hugging Face config fields) for when the checkpoints are not at hand:
     # sizing the model on the meta device, planning memory. Loading always uses the checkpoint's.
@@ -180,6 +187,9 @@ class SpeechSynthConfig(_Section):
     num_sentences: int = Field(40, ge=1)
     train_voices: list[str] = Field(default_factory=lambda: ["en-us", "en"])
     heldout_voices: list[str] = Field(default_factory=lambda: ["en-gb-x-rp"])
+    # Each training sentence spoken by this many distinct training voices (more speech for the
+    # same sentences: stage 2's transcription rows need no labels); held-out sentences by one.
+    train_voices_per_sentence: int = Field(1, ge=1)
     speeds: list[int] = Field(default_factory=lambda: [150, 175])  # words per minute (flite: 175 = its normal rate)
     pitches: list[int] = Field(default_factory=lambda: [50])  # espeak-ng pitch 0-99 (flite voices keep their own)
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
@@ -197,6 +207,9 @@ class SpeechSynthConfig(_Section):
         shared = train & {parse_voice(v) for v in self.heldout_voices}
         if shared:
             raise ValueError(f"train_voices and heldout_voices must differ; both have {sorted(':'.join(v) for v in shared)}")
+        if self.train_voices_per_sentence > len(self.train_voices):
+            raise ValueError(f"train_voices_per_sentence ({self.train_voices_per_sentence}) needs as many train_voices, "
+                             f"there are {len(self.train_voices)}")
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
         if any(not 0 <= p <= 99 for p in self.pitches) or not self.pitches:
@@ -255,7 +268,13 @@ class TrainConfig(_Section):
 class Stage2Config(TrainConfig):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    instruction: str = CONTINUATION_INSTRUCTION
+    instruction: str = CONTINUATION_INSTRUCTION  # the continuation task's
+    # The task mixture: this share of the training clips (chosen by a hash of the clip's path, so
+    # a rerun picks the same ones) learn to say their own transcript under
+    # ``transcription_instruction`` instead of the stage-1 LM's continuation. 0: the paper's
+    # recipe, continuations only. Preprocessing writes each row's prompt for its task.
+    transcription_share: float = Field(0.0, ge=0, le=1)
+    transcription_instruction: str = TRANSCRIPTION_INSTRUCTION
     objective: Literal["ce", "kl", "ce+kl"] = "ce"
     ce_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(1.0, ge=0)
@@ -267,15 +286,15 @@ class Stage2Config(TrainConfig):
     # Train on the first N tokens of each continuation only (None: all of it). The opening tokens
     # depend most on what was said; shorter sequences make a CPU step about twice as fast.
     continuation_tokens: int | None = Field(None, ge=1)
-    # Warm-up steps before the continuation objective, on the same data: each speech position is
-    # pulled towards the LM's embedding of the transcript token spoken there (model.losses.token_alignment;
-    # no LM forward, so a step costs a fraction of a continuation step). They come on top of
+    # Warm-up steps before the objective, on the same data: CTC of the transcript's tokens over the
+    # adapter's output, scored against the LM's token embeddings (model.losses.ctc_alignment; it
+    # learns where each token is spoken; no LM forward, so a step costs a fraction of a CE step). They come on top of
     # max_steps / epochs, with their own warm-up and decay of the learning rate. 0: off (the paper's).
     alignment_steps: int = Field(0, ge=0)
     # Score against the batch's spoken tokens plus this many random ones (a sampled
     # softmax, several times faster on a 49k vocabulary); None: the whole embedding table.
     alignment_negatives: int | None = Field(None, ge=1)
-    # The same token alignment kept on during the continuation objective, added with this weight
+    # The same alignment loss kept on during the objective, added with this weight
     # (needs no warm-up). It keeps the adapter's output tied to the words spoken, against the pull of
     # the continuations' few generic openings; 0: off.
     alignment_weight: float = Field(0.0, ge=0)
@@ -343,7 +362,7 @@ class SpeechCheckpointConfig(_Section):
 
 
 class GenerateConfig(BatchEngineConfig, SpeechCheckpointConfig):
-    instruction: str = "Please transcribe the following audio."
+    instruction: str = TRANSCRIPTION_INSTRUCTION
     max_new_tokens: int = Field(128, ge=1, le=4096)
     # The pipeline's evaluation set: jsonl {"audio", "text", ...}; None: the speech section's held-out manifest.
     input_file: LocalOrS3Path | None = None
@@ -415,8 +434,8 @@ REMOVED_KEYS = {
     "cluster.dashboard_host": "nothing read it: a local cluster's dashboard listens on 127.0.0.1, a real "
                               "cluster's is set in its launcher file (cluster.cluster_file)",
     "data.sample_rate": "audio is always resampled to 16 kHz (blsp_ray.model.audio.SAMPLE_RATE), the rate Whisper reads",
-    "stage2.ctc_weight": "use stage2.alignment_weight (token alignment of the transcript over the adapter's output)",
-    "stage2.alignment_loss": "token alignment always scores against the vocabulary (the former 'vocab'); "
+    "stage2.ctc_weight": "use stage2.alignment_weight (CTC of the transcript over the adapter's output, model.losses.ctc_alignment)",
+    "stage2.alignment_loss": "the alignment loss is CTC over the LM's vocabulary (model.losses.ctc_alignment); "
                              "stage2.alignment_negatives sets its sampled softmax",
     "serve.stop": "a chat reply stops at the template's turn markers (blsp_ray.model.prompts.CHAT_TURN_MARKERS) "
                   "and at each request's own `stop`",

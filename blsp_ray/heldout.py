@@ -10,33 +10,37 @@ adapter under a condition, i.e. what the LM reads between the prompt's prefix an
   clip's content, or only "speech-like" embeddings?);
 * ``transcript``: the transcript's token embeddings (the upper bound; the KL objective's teacher).
 
-Teacher-forced on the teacher's continuation: NLL (nats/token) and KL(transcript || condition) per
-token, the one KL(text || speech) of this library. Greedy: the continuation against the teacher's
-(BLEU/chrF), and a transcription (WER, word recall against the transcript). Training reports the
-teacher-forced numbers over steps; the evaluate stage reports the trained adapter's alignment and
-prints the table for the untrained adapter, the trained one, shuffled, transcript.
+Both stage-2 tasks are scored. Continuation: teacher-forced NLL (nats/token) of the teacher's
+continuation and KL(transcript || condition) per token, the one KL(text || speech) of this
+library; the greedy continuation against the teacher's (BLEU/chrF) and whether it shares a content
+word with the clip. Transcription: teacher-forced NLL of the transcript, and the greedy
+transcription's WER and word recall. Per-clip numbers come with every row, so two conditions can be
+compared with a bootstrap interval over clips (``bootstrap_difference``). Training reports the
+continuation NLL and KL over steps; the evaluate stage prints the table for the untrained adapter,
+the trained one, shuffled, transcript.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jiwer
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blsp_ray.config import BlspRayConfig
+from blsp_ray.config import TRANSCRIPTION_INSTRUCTION, BlspRayConfig
 from blsp_ray.engines import GenerationSettings, TransformersEngine
-from blsp_ray.metrics import text_metrics, word_recall
+from blsp_ray.metrics import content_words, text_metrics, word_recall
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import continuation_forward, response_kl
 from blsp_ray.model.modeling import SpeechAdapter, to_device
-from blsp_ray.model.processing import transcript_token_ids
+from blsp_ray.model.processing import IGNORE, transcript_token_ids
 from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
 from blsp_ray.text import normalize_english
 
 CONDITIONS = ("speech", "shuffled", "transcript")
-TRANSCRIBE_INSTRUCTION = "Please transcribe the following audio."
+TASKS = ("continuation", "transcription")
 
 
 def _pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,13 +52,15 @@ class HeldoutSet:
     """Held-out clips, their encoder outputs and the teacher's continuations, ready to score adapters.
 
     ``rows``: {"text": transcript} dicts with ``waveforms`` (16 kHz float32) in the same order.
+    ``instruction`` is the continuation task's, ``transcription_instruction`` the transcription task's.
     """
 
     def __init__(self, blsp, processor, rows: Sequence[dict], waveforms: Sequence[np.ndarray],
-                 settings: GenerationSettings, batch_size: int = 16, instruction: str = CONTINUATION_INSTRUCTION):
+                 settings: GenerationSettings, batch_size: int = 16, instruction: str = CONTINUATION_INSTRUCTION,
+                 transcription_instruction: str = TRANSCRIPTION_INSTRUCTION):
         self.blsp, self.processor, self.tokenizer = blsp, processor, processor.tokenizer
         self.texts = [str(r["text"]) for r in rows]
-        self.instruction, self.batch_size = instruction, batch_size
+        self.instruction, self.transcription_instruction, self.batch_size = instruction, transcription_instruction, batch_size
         self.device = blsp.llama_model.device  # where the model is: every tensor built here goes there
         self.hidden: list[torch.Tensor] = []  # [T_i, d_model] per clip
         with torch.no_grad():
@@ -70,9 +76,10 @@ class HeldoutSet:
     def from_config(cls, cfg: BlspRayConfig, blsp, processor, rows: Sequence[dict], batch_size: int = 16) -> HeldoutSet:
         """A run's held-out clips (``rows`` with ``audio`` and ``text``) as training's held-out
         metrics and the evaluate stage both score them: the teacher writes with the labelling
-        settings, every prompt carries ``stage2.instruction``."""
+        settings, the prompts carry stage 2's instructions."""
         return cls(blsp, processor, rows, [load_audio(r["audio"]) for r in rows],
-                   GenerationSettings.from_config(cfg.label), batch_size, cfg.stage2.instruction)
+                   GenerationSettings.from_config(cfg.label), batch_size, cfg.stage2.instruction,
+                   cfg.stage2.transcription_instruction)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -92,36 +99,60 @@ class HeldoutSet:
         src = [(i + 1) % len(self) if condition == "shuffled" else i for i in idx]  # shuffled: the next clip's speech
         hidden, lengths = _pad_rows([self.hidden[j] for j in src])
         dtype = next(p for p in self.blsp.llama_model.parameters()).dtype
-        embeds, lengths = adapter(hidden.to(dtype), lengths.to(self.device))
-        return embeds, lengths
+        return self.blsp.select_speech_positions(*adapter(hidden.to(dtype), lengths.to(self.device)))
 
-    def _prompt(self, idx: range, instruction: str, with_targets: bool) -> dict:
-        examples = [self.processor.speech_prompt(instruction, self.continuations[i] if with_targets else None) for i in idx]
+    def _task(self, task: str) -> tuple[str, list[str]]:
+        """A task's instruction and its per-clip targets."""
+        if task == "continuation":
+            return self.instruction, self.continuations
+        if task == "transcription":
+            return self.transcription_instruction, self.texts
+        raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+
+    def _prompt(self, idx: range, task: str, with_targets: bool) -> dict:
+        instruction, targets = self._task(task)
+        examples = [self.processor.speech_prompt(instruction, targets[i] if with_targets else None) for i in idx]
         return to_device(self.processor.collate_speech(examples), self.device)
 
+    def _logits(self, idx: range, condition: str, adapter: SpeechAdapter | None, task: str = "continuation"):
+        """Logits [N, V] where a target token is predicted, those tokens [N], and each clip's count [B]."""
+        prompt = self._prompt(idx, task, with_targets=True)
+        embeds, lengths = self._inserted(idx, condition, adapter)
+        logits, targets = continuation_forward(self.blsp, prompt, embeds, lengths)
+        return logits, targets, (prompt["suffix_labels"] != IGNORE).sum(1).tolist()  # rows in clip order
+
     @torch.no_grad()
-    def teacher_forced(self, adapter: SpeechAdapter | None, condition: str = "speech") -> dict[str, float]:
-        """NLL (nats/token) of the teacher's continuations (+EOS) and KL(transcript || condition) per token."""
+    def teacher_forced(self, adapter: SpeechAdapter | None, condition: str = "speech") -> dict:
+        """Continuation: NLL (nats/token) of the teacher's continuations (+EOS) and KL(transcript || condition)
+        per token; ``clip_nats`` / ``clip_tokens``: each clip's summed NLL and its token count."""
         if self._teacher_logits is None:
             self._teacher_logits = [self._logits(idx, "transcript", None)[0] for idx in self._batches()]
-        nll = kl = tokens = 0.0
+        kl, nats, counts = 0.0, [], []
         for idx, teacher in zip(self._batches(), self._teacher_logits):
-            student, targets = self._logits(idx, condition, adapter)
-            nll += float(F.cross_entropy(student.float(), targets, reduction="sum"))
+            student, targets, per_clip = self._logits(idx, condition, adapter)
+            losses = F.cross_entropy(student.float(), targets, reduction="none")  # [N], clips in order
+            nats += [float(x.sum()) for x in losses.split(per_clip)]
+            counts += per_clip
             kl += float(response_kl(student, teacher, temperature=1.0)) * len(targets)  # the batch's mean, summed back
-            tokens += len(targets)
-        return {"nll": nll / tokens, "kl": kl / tokens}
-
-    def _logits(self, idx: range, condition: str, adapter: SpeechAdapter | None) -> tuple[torch.Tensor, torch.Tensor]:
-        prompt = self._prompt(idx, self.instruction, with_targets=True)
-        embeds, lengths = self._inserted(idx, condition, adapter)
-        return continuation_forward(self.blsp, prompt, embeds, lengths)  # [N, V], [N]
+        tokens = sum(counts)
+        return {"nll": sum(nats) / tokens, "kl": kl / tokens, "clip_nats": nats, "clip_tokens": counts}
 
     @torch.no_grad()
-    def greedy(self, adapter: SpeechAdapter | None, condition: str, instruction: str) -> list[str]:
+    def clip_nll(self, adapter: SpeechAdapter | None, condition: str, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per clip: summed NLL (nats) of the task's target (+EOS), and its token count."""
+        nats, counts = [], []
+        for idx in self._batches():
+            logits, targets, per_clip = self._logits(idx, condition, adapter, task)
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")  # [N], clips in order
+            nats += [float(x.sum()) for x in losses.split(per_clip)]
+            counts += per_clip
+        return np.asarray(nats), np.asarray(counts, dtype=np.float64)
+
+    @torch.no_grad()
+    def greedy(self, adapter: SpeechAdapter | None, condition: str, task: str) -> list[str]:
         out = []
         for idx in self._batches():
-            prompt = self._prompt(idx, instruction, with_targets=False)
+            prompt = self._prompt(idx, task, with_targets=False)
             embeds, lengths = self._inserted(idx, condition, adapter)
             inputs, mask, _ = self.blsp.splice(prompt["prefix_ids"], prompt["prefix_mask"], embeds, lengths,
                                                prompt["suffix_ids"], prompt["suffix_mask"])  # [B, L, H], right-padded
@@ -130,21 +161,64 @@ class HeldoutSet:
         return out
 
     def alignment(self, adapter: SpeechAdapter | None, condition: str) -> dict:
-        """Teacher-forced NLL and KL, and the greedy continuations (``continuations``) with their
-        BLEU/chrF against the teacher's."""
+        """Continuation: ``teacher_forced``, and the greedy continuations (``continuations``) with
+        their BLEU/chrF against the teacher's."""
         row = self.teacher_forced(adapter, condition)
-        continuations = self.greedy(adapter, condition, self.instruction)
+        continuations = self.greedy(adapter, condition, "continuation")
         aligned = text_metrics(continuations, self.continuations, ("bleu", "chrf"))
         return {**row, "chrf": aligned["chrf"], "bleu": aligned["bleu"], "continuations": continuations}
 
-    def scores(self, adapter: SpeechAdapter | None, condition: str) -> dict[str, float]:
-        """Every metric of one table row: ``alignment`` plus a transcription's WER and word recall."""
+    def scores(self, adapter: SpeechAdapter | None, condition: str) -> dict:
+        """Every metric of one table row: ``alignment``, the transcription task's NLL, WER and word
+        recall, the share of greedy continuations that share a content word with the clip, and
+        the per-clip numbers behind them (``per_clip``) for bootstrap intervals."""
         row = self.alignment(adapter, condition)
         continuations = row.pop("continuations")
-        transcripts = self.greedy(adapter, condition, TRANSCRIBE_INSTRUCTION)
-        wer = text_metrics([normalize_english(t) for t in transcripts], [normalize_english(t) for t in self.texts], ("wer",))
-        row.update({"wer": wer["wer"],
-                    "word_recall": float(np.mean([word_recall(h, r) for h, r in zip(transcripts, self.texts)]))})
-        row["examples"] = [{"text": t, "teacher": c, "continuation": g, "transcription": h}
-                           for t, c, g, h in list(zip(self.texts, self.continuations, continuations, transcripts))[:3]]
+        cont_nats, cont_tokens = row.pop("clip_nats"), row.pop("clip_tokens")
+        nats, tokens = self.clip_nll(adapter, condition, "transcription")
+        transcripts = self.greedy(adapter, condition, "transcription")
+        errors, words = clip_word_errors(transcripts, self.texts)
+        shares = [bool(content_words(c) & content_words(t)) for c, t in zip(continuations, self.texts)]
+        row.update({
+            "transcription_nll": float(nats.sum() / tokens.sum()),
+            "wer": float(errors.sum() / words.sum()),
+            "word_recall": float(np.mean([word_recall(h, r) for h, r in zip(transcripts, self.texts)])),
+            "content_word": float(np.mean(shares)),
+        })
+        row["per_clip"] = {"continuation_nats": cont_nats, "continuation_tokens": cont_tokens,
+                           "transcription_nats": nats.tolist(), "transcription_tokens": tokens.tolist(),
+                           "word_errors": errors.tolist(), "words": words.tolist(), "content_word": shares,
+                           "teacher_content_word": [bool(content_words(c) & content_words(t))
+                                                    for c, t in zip(self.continuations, self.texts)]}
+        row["examples"] = [{"text": t, "transcription": h, "continuation": g, "teacher": c}
+                           for t, h, g, c in zip(self.texts, transcripts, continuations, self.continuations)]
         return row
+
+
+def clip_word_errors(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip, after Whisper's English normalisation: word errors (substitutions + deletions +
+    insertions) and reference words. Their sums' ratio is the corpus WER."""
+    errors, words = [], []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        ref_words = normalize_english(ref).split()
+        hyp_norm = normalize_english(hyp)
+        if not ref_words:
+            errors.append(len(hyp_norm.split()))
+        else:
+            out = jiwer.process_words(" ".join(ref_words), hyp_norm if hyp_norm.strip() else "")
+            errors.append(out.substitutions + out.deletions + out.insertions)
+        words.append(len(ref_words))
+    return np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)
+
+
+def bootstrap_difference(num_a, den_a, num_b, den_b, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """sum(num_a)/sum(den_a) - sum(num_b)/sum(den_b) over the same clips, and its 95% bootstrap
+    interval (clips resampled with replacement, the pair kept together): (difference, low, high)."""
+    arrays = [np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b)]
+    n = len(arrays[0])
+    picks = np.random.default_rng(seed).integers(0, n, size=(draws, n))  # [draws, n]
+    na, da, nb, db = (x[picks].sum(1) for x in arrays)
+    diffs = na / np.maximum(da, 1e-12) - nb / np.maximum(db, 1e-12)
+    point = arrays[0].sum() / max(arrays[1].sum(), 1e-12) - arrays[2].sum() / max(arrays[3].sum(), 1e-12)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(point), float(low), float(high)

@@ -33,3 +33,19 @@ def word_recall(hypothesis: str, reference: str) -> float:
     ref, hyp = Counter(normalize_english(reference).split()), Counter(normalize_english(hypothesis).split())
     total = sum(ref.values())
     return sum(min(n, hyp[w]) for w, n in ref.items()) / total if total else 0.0
+
+
+# English function words: sharing one of these with a clip says nothing about having heard it.
+FUNCTION_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between both
+but by can could did do does doing down during each few for from further had has have having he her here hers
+herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
+once only or other our ours ourselves out over own same she should so some such than that the their theirs them
+themselves then there these they this those through to too under until up very was we were what when where which
+while who whom why will with would you your yours yourself yourselves one s t
+""".split())
+
+
+def content_words(text: str) -> set[str]:
+    """The text's normalised words (Whisper's English normaliser) that are not function words."""
+    return {w for w in normalize_english(text).split() if w not in FUNCTION_WORDS}

@@ -51,8 +51,15 @@ def test_shuffled_condition_feeds_another_clip(heldout):
 def test_scores_have_every_table_column(heldout):
     model, _, _, _, held = heldout
     row = held.scores(model.speech_adapter, "speech")
-    for key in ("nll", "kl", "chrf", "bleu", "wer", "word_recall"):
+    for key in ("nll", "kl", "chrf", "bleu", "wer", "word_recall", "transcription_nll", "content_word"):
         assert np.isfinite(row[key]), key
+    clips = row["per_clip"]
+    assert all(len(v) == len(held) for v in clips.values())
+    assert row["wer"] == pytest.approx(sum(clips["word_errors"]) / sum(clips["words"]))
+    assert row["transcription_nll"] == pytest.approx(sum(clips["transcription_nats"]) / sum(clips["transcription_tokens"]))
+    # The continuation NLL per clip sums back to teacher_forced's (the same tokens, another reduction).
+    assert row["nll"] == pytest.approx(sum(clips["continuation_nats"]) / sum(clips["continuation_tokens"]), rel=1e-4)
+    assert [e["text"] for e in row["examples"]] == held.texts and [e["teacher"] for e in row["examples"]] == held.continuations
     assert len(held.continuations) == len(held) and all(isinstance(c, str) for c in held.continuations)
 
 
@@ -100,3 +107,6 @@ def test_evaluate_prints_the_heldout_table(ray_cluster, tiny_assets, speech_corp
         assert report["metrics"][f"alignment_{metric}"] == pytest.approx(trained[metric], rel=1e-4, abs=1e-6), metric
     md = (tmp_path / "eval" / "report.md").read_text()
     assert all(name in md for name in table["conditions"]) and all(col in md for col in TABLE_COLUMNS.values())
+    assert "Trained minus shuffled speech (95% bootstrap interval over clips)" in md
+    assert table["summary"]["trained_minus_shuffled"]["wer"]["low"] <= table["summary"]["trained_minus_shuffled"]["wer"]["high"]
+    assert trained["examples"][0]["text"] in md  # the examples, side by side

@@ -1,6 +1,7 @@
 """BLSP-mini, reduced (issue 9): the pipeline on real small weights (SmolLM2-135M-Instruct + Whisper
 tiny.en) learns speech -> behaviour that carries the clip: on held-out voices and sentences the
-trained adapter beats the untrained one and the shuffled-speech control on the teacher's continuations.
+trained adapter beats the untrained one and the shuffled-speech control on the teacher's
+continuations and on transcribing the clip.
 
 Same config, stages and code as ``make demo CONFIG=configs/mini.yaml``, on fewer sentences and steps.
 """
@@ -48,5 +49,12 @@ def test_trained_adapter_beats_untrained_and_shuffled_on_heldout_voices(ray_clus
     assert nll["trained adapter"] < nll["untrained adapter"], table
     assert nll["trained adapter"] < nll["shuffled speech"], table  # the adapter carries this clip, not a generic shape
     assert nll["transcript"] < nll["trained adapter"], table  # the upper bound stays above what speech reaches
+    # It hears: asked to transcribe, the trained adapter's words are the clip's, clearly more than
+    # the untrained adapter's or another clip's (WER: word errors per transcript word).
+    wer = {name: row["wer"] for name, row in table.items()}
+    assert wer["trained adapter"] < wer["untrained adapter"] - 0.2, wer
+    assert wer["trained adapter"] < wer["shuffled speech"], wer
+    heard = {name: row["transcription_nll"] for name, row in table.items()}
+    assert heard["trained adapter"] < heard["shuffled speech"] - 0.1, heard
     history = json.loads((tmp_path / "runs" / "mini" / "stage2" / "model" / "train_metrics.json").read_text())["history"]
     assert [h["step"] for h in history if "heldout_nll" in h] == list(range(60, 661, 60))

@@ -6,8 +6,10 @@ from pydantic import BaseModel
 
 from blsp_ray.config import (
     CONTINUATION_INSTRUCTION,
+    TRANSCRIPTION_INSTRUCTION,
     BlspRayConfig,
     ConfigError,
+    GenerateConfig,
     LabelConfig,
     ServeConfig,
     Stage2Config,
@@ -34,6 +36,8 @@ def test_paper_config_is_the_paper_setup():
     assert (cfg.stage2.lr, cfg.stage2.weight_decay, cfg.stage2.warmup_steps) == (5e-5, 0.05, 1000)
     assert (cfg.stage2.micro_batch_size, cfg.stage2.grad_accum_steps, cfg.stage2.zero_stage) == (8, 12, 1)
     assert cfg.stage2.precision == "bf16" and cfg.label.engine == "vllm"
+    # The paper's recipe: continuations only, every adapter position read by the LM.
+    assert cfg.stage2.transcription_share == 0 and cfg.stage2.alignment_steps == 0 and cfg.model.speech_positions == "all"
 
 
 def _write(tmp_path, text):
@@ -140,7 +144,7 @@ def test_every_path_field_is_typed_as_a_path():
 
 @pytest.mark.parametrize("key, value, hint", [
     ("stage2.ctc_weight", "0.1", r"use stage2\.alignment_weight"),
-    ("stage2.alignment_loss", "vocab", r"always scores against the vocabulary"),
+    ("stage2.alignment_loss", "vocab", r"CTC over the LM's vocabulary"),
     ("data.sample_rate", "16000", r"16 kHz"),
     ("cluster.dashboard_host", "127.0.0.1", r"nothing read it"),
     ("serve.batch_size", "8", r"batches concurrent requests itself"),
@@ -166,3 +170,7 @@ def test_serve_has_only_what_serving_reads():
 def test_the_continuation_instruction_is_defined_once():
     assert LabelConfig().instruction is Stage2Config().instruction is CONTINUATION_INSTRUCTION
     assert prompts.CONTINUATION_INSTRUCTION is CONTINUATION_INSTRUCTION
+
+
+def test_the_transcription_instruction_is_defined_once():
+    assert GenerateConfig().instruction is Stage2Config().transcription_instruction is TRANSCRIPTION_INSTRUCTION

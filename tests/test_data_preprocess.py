@@ -21,6 +21,7 @@ import yaml
 from blsp_ray.config import config_from_dict
 from blsp_ray.io.shards import plan_shards
 from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.model.prompts import stage2_task
 from blsp_ray.stages.preprocess import SCHEMA, SUMMARY_FILE, Settings, ShardProcessor, preprocess, shard_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,6 +241,36 @@ def test_target_column_is_configurable(corpus, tiny_assets, tmp_path):
     assert summary.kept == len(good) + 1  # the row without a continuation has a transcript
     rows = pq.read_table(tmp_path / shard_file(shard)).to_pylist()
     assert all(r["target"] == r["text"] for r in rows)
+
+
+def test_stage2_task_is_a_stable_share_of_clips():
+    paths = [f"/data/clip{i}.wav" for i in range(2000)]
+    assert {stage2_task(p, 0.0) for p in paths} == {"continuation"}
+    assert {stage2_task(p, 1.0) for p in paths} == {"transcription"}
+    picked = [p for p in paths if stage2_task(p, 0.3) == "transcription"]
+    assert 0.26 < len(picked) / len(paths) < 0.34  # a hash draw: about the share, not exactly
+    assert picked == [p for p in paths if stage2_task(p, 0.3) == "transcription"]  # the same clips every run
+    assert set(picked) <= {p for p in paths if stage2_task(p, 0.6) == "transcription"}  # a larger share adds clips
+
+
+def test_task_mixture_writes_each_rows_prompt_for_its_task(corpus, tiny_assets, tmp_path):
+    """stage2.transcription_share: transcription rows learn their transcript under the transcription
+    instruction; the others their continuation under the continuation instruction."""
+    manifest, good, _ = corpus
+    cfg = make_cfg(tiny_assets, None, rows_per_shard=100)
+    cfg.stage2.transcription_share = 0.5
+    worker = ShardProcessor(cfg, Settings.of(cfg, [str(manifest)]), str(tmp_path))
+    (shard,) = plan_shards([str(manifest)], 100)
+    worker.write_shard(shard)
+    rows = pq.read_table(tmp_path / shard_file(shard)).to_pylist()
+    assert {r["task"] for r in rows} == {"continuation", "transcription"}, [r["task"] for r in rows]
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    for r in rows:
+        assert r["task"] == stage2_task(r["audio"], 0.5)
+        instruction, target = (cfg.stage2.transcription_instruction, r["text"]) if r["task"] == "transcription" else (INSTRUCTION, r["target"])
+        assert r["target"] == target
+        expected = proc.speech_prompt(instruction, target)
+        assert (r["prefix_ids"], r["suffix_ids"]) == (expected["prefix_ids"], expected["suffix_ids"])
 
 
 @pytest.mark.slow

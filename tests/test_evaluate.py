@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from blsp_ray.config import config_from_dict
 from blsp_ray.engines import GenerationSettings
-from blsp_ray.heldout import HeldoutSet
+from blsp_ray.heldout import HeldoutSet, bootstrap_difference, clip_word_errors
 from blsp_ray.io.storage import read_jsonl, write_jsonl
-from blsp_ray.metrics import text_metrics
+from blsp_ray.metrics import content_words, text_metrics
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import response_kl
 from blsp_ray.model.modeling import build_blsp_from_parts
@@ -37,6 +38,34 @@ def test_bleu_chrf_by_hand():
     expected = math.exp(sum(math.log(p) for p in (3 / 4, 2 / 3, 1 / 2, 1 / 2)) / 4) * 100
     assert text_metrics(["a b c d"], ["a b c e"], ("bleu",))["bleu"] == pytest.approx(expected, abs=1e-6)
     assert text_metrics(["xyz"], ["abc"], ("chrf",))["chrf"] == pytest.approx(0.0)
+
+
+def test_clip_word_errors_sum_to_the_corpus_wer():
+    hyps, refs = ["the cat sit", "", "hello there world"], ["The cat sat.", "good morning", "hello world"]
+    errors, words = clip_word_errors(hyps, refs)
+    assert errors.tolist() == [1, 2, 1] and words.tolist() == [3, 2, 2]  # a substitution, 2 deletions, an insertion
+    assert errors.sum() / words.sum() == pytest.approx(text_metrics(hyps, [r.lower().strip(".") for r in refs], ("wer",))["wer"])
+
+
+def test_bootstrap_difference():
+    rng = np.random.default_rng(1)
+    words = rng.integers(5, 15, 150).astype(float)
+    worse, better = rng.binomial(words.astype(int), 0.6), rng.binomial(words.astype(int), 0.2)
+    diff, low, high = bootstrap_difference(better, words, worse, words)
+    assert diff == pytest.approx(better.sum() / words.sum() - worse.sum() / words.sum())
+    assert low < diff < high < 0  # clearly better: the interval excludes zero
+    same = rng.binomial(words.astype(int), 0.4)
+    diff, low, high = bootstrap_difference(same, words, same, words)
+    assert diff == low == high == 0.0  # the same clips and numbers: no difference in any resample
+    a, b = rng.binomial(words.astype(int), 0.4), rng.binomial(words.astype(int), 0.4)
+    _, low, high = bootstrap_difference(a, words, b, words)
+    assert low < 0 < high  # two draws of the same rate: zero inside
+
+
+def test_content_words_leave_out_function_words():
+    assert content_words("The cat came out from under the bed.") == {"cat", "came", "bed"}
+    assert not content_words("It is what it is, and so on.") - {"so"} - {"on"}
+    assert content_words("Had a minor part in the play") & content_words("The play was long") == {"play"}
 
 
 def test_token_kl_by_hand():

@@ -19,6 +19,7 @@ import yaml
 from blsp_ray.config import config_from_dict
 from blsp_ray.drops import DropReason
 from blsp_ray.io.layout import RunLayout
+from blsp_ray.model.prompts import stage2_task
 from blsp_ray.stages.label import ROW_ID, run_label, stats_dir, summary_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,23 @@ def test_vllm_greedy_matches_transformers(labelled_both, tiny_assets):
 
 
 @pytest.mark.slow
+def test_transcription_rows_are_not_labelled(ray_cluster, tiny_assets, tmp_path):
+    """stage2.transcription_share: the clips stage 2 trains on their transcript are kept without a
+    continuation; the engine labels only the others."""
+    manifest = tmp_path / "asr.jsonl"
+    write_manifest(manifest, 12)
+    cfg = config_from_dict({**make_config(tmp_path / "runs", tiny_assets, "mixed", manifest), "stage2": {"transcription_share": 0.5}})
+    summary = run_label(cfg)
+    rows = read_labels(cfg)
+    assert summary["labelled"] == len(rows) == 12 and summary["dropped_total"] == 0
+    tasks = {r["audio"]: stage2_task(r["audio"], 0.5) for r in rows.values()}
+    assert set(tasks.values()) == {"continuation", "transcription"}, tasks
+    for r in rows.values():
+        labelled = tasks[r["audio"]] == "continuation"
+        assert (r["generated_tokens"] > 0) == labelled and bool(r["continuation"]) == labelled, r
+    assert summary["tokens_generated"] == sum(r["generated_tokens"] for r in rows.values())
+
+
 def test_kill_and_rerun_labels_every_row_exactly_once(ray_cluster, tiny_assets, tmp_path):
     manifest = tmp_path / "asr.jsonl"
     write_manifest(manifest, 60)

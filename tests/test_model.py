@@ -189,3 +189,24 @@ def test_feature_extractor_frames_match_samples(tiny_assets):
     sb = proc.features(wavs)
     assert sb.features.shape[-1] == 100
     assert sb.frame_lengths.tolist() == [100, 50]
+
+
+def test_ctc_token_positions_keep_one_embedding_per_emitted_token(tiny_assets, tmp_path):
+    """speech_positions: ctc_tokens. Positions scoring a token above the blank (logit 0) are kept
+    once per run of the same token; blanks and repeats go; a row with none keeps one position;
+    the setting travels with the checkpoint."""
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32, speech_positions="ctc_tokens")
+    table = model.llama_model.get_input_embeddings().weight.detach()  # [V, H]
+    a, b, c = table[5] * 50, table[9] * 50, table[7] * 50
+    blank = torch.zeros_like(a)  # scores 0 for every token: not above the blank
+    row0 = torch.stack([a, a, blank, b, c, c, a])  # a a _ b c c a | (7 real positions)
+    row1 = torch.stack([blank, blank, blank, blank, blank, blank, blank])
+    embeds, lengths = model.select_speech_positions(torch.stack([row0, row1]), torch.tensor([6, 4]))  # row 0's last is padding
+    assert lengths.tolist() == [3, 1]
+    torch.testing.assert_close(embeds[0, :3], torch.stack([a, b, c]))
+    assert (embeds[0, 3:] == 0).all()
+    model.save_adapter(tmp_path / "ckpt", str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
+    assert load_blsp(tmp_path / "ckpt").config.speech_positions == "ctc_tokens"
+    plain = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+    same, n = plain.select_speech_positions(torch.stack([row0, row1]), torch.tensor([6, 4]))
+    assert n.tolist() == [6, 4] and same.shape == (2, 7, table.shape[1])  # "all": the adapter's output as it is

@@ -73,6 +73,19 @@ def test_mini_corpus_plan_splits_sentences_and_voices():
     assert len({p["speed"] for p in plan}) == 3 and len({p["pitch"] for p in plan}) == 3
 
 
+def test_training_sentences_spoken_by_several_voices():
+    cfg = MINI.speech.model_copy(update={"num_sentences": 200, "train_voices_per_sentence": 3})
+    plan = plan_corpus(cfg)
+    by_text = Counter(p["text"] for p in plan if p["split"] == "train")
+    assert set(by_text.values()) == {3}
+    for text in by_text:
+        rows = [p for p in plan if p["text"] == text]
+        assert len({p["voice"] for p in rows}) == 3 and len({p["wav"] for p in rows}) == 3  # distinct voices, files
+    assert all(n == 1 for n in Counter(p["text"] for p in plan if p["split"] == "heldout").values())
+    with pytest.raises(ValueError, match="train_voices_per_sentence"):
+        SpeechSynthConfig(train_voices=["en-us"], heldout_voices=["flite:rms"], train_voices_per_sentence=2)
+
+
 def test_speech_config_rejects_shared_or_unknown_voices():
     with pytest.raises(ConfigError, match="must differ"):
         config_from_dict({"model": {"lm_path": "x", "whisper_path": "y"},

@@ -57,12 +57,12 @@ def write_stage2_shards(layout: RunLayout, manifest: Path, lm_path: Path, whispe
     for r in read_jsonl(manifest):
         wav = load_audio(r["audio"])
         ids = proc.speech_prompt(INSTRUCTION, r["text"])
-        rows.append({"audio": r["audio"], "text": r["text"], "target": r["text"], "duration": len(wav) / 16000,
-                     "waveform": wav.astype(np.float32), **ids})
+        rows.append({"audio": r["audio"], "text": r["text"], "task": "transcription", "target": r["text"],
+                     "duration": len(wav) / 16000, "waveform": wav.astype(np.float32), **ids})
     out = Path(layout.preprocessed)
     out.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("audio", pa.string()), ("text", pa.string()), ("target", pa.string()), ("duration", pa.float64()),
-                        ("waveform", pa.list_(pa.float32())), ("prefix_ids", pa.list_(pa.int64())),
+    schema = pa.schema([("audio", pa.string()), ("text", pa.string()), ("task", pa.string()), ("target", pa.string()),
+                        ("duration", pa.float64()), ("waveform", pa.list_(pa.float32())), ("prefix_ids", pa.list_(pa.int64())),
                         ("suffix_ids", pa.list_(pa.int64())), ("suffix_labels", pa.list_(pa.int64()))])
     for i in range(0, len(rows), 8):
         pq.write_table(pa.Table.from_pylist(rows[i : i + 8], schema=schema), out / f"shard-{i // 8:05d}.parquet")

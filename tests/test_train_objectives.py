@@ -8,9 +8,9 @@ import torch
 
 from blsp_ray.io.storage import read_jsonl
 from blsp_ray.model.audio import load_audio
-from blsp_ray.model.losses import response_kl, spread_transcript, stage2_objective, token_alignment
+from blsp_ray.model.losses import ctc_alignment, response_kl, stage2_objective
 from blsp_ray.model.modeling import build_blsp_from_parts
-from blsp_ray.model.processing import IGNORE, BlspProcessor, token_char_counts
+from blsp_ray.model.processing import IGNORE, BlspProcessor
 from blsp_ray.stages.stage2 import prepare_stage2, truncate_target
 from blsp_ray.train.deepspeed_config import WarmupDecay
 
@@ -81,33 +81,25 @@ def test_response_kl_matches_definition():
     torch.testing.assert_close(response_kl(student, teacher, t), expected)
 
 
-def test_spread_transcript_gives_each_token_a_share_of_the_clip_by_its_characters():
-    chars = torch.tensor([[1, 3, 1, 0], [2, 2, 0, 0]])  # [B, T], 0 past the transcript
-    index = spread_transcript(chars, torch.tensor([10, 4]), 10)
-    assert index[0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2]
-    assert index[1, :4].tolist() == [0, 0, 1, 1] and int(index[1].max()) == 1  # never past the last token
-
-
-def test_token_alignment_is_lowest_when_speech_positions_are_the_spoken_tokens(setup, tiny_assets):
+def test_ctc_alignment_learns_where_tokens_are_spoken(setup, tiny_assets):
+    """Tokens spoken at an uneven pace (1 then 3 positions, alternately): CTC scores the matching
+    speech near zero wherever the tokens fall, and another clip's speech far from it."""
     model, batch = setup
     proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
     ids, n = batch["transcript_ids"], batch["transcript_lengths"]
-    chars = token_char_counts(proc.tokenizer)[ids] * (torch.arange(ids.shape[1])[None] < n[:, None])
-    lengths = 2 * n  # two speech positions per token on average
-    spoken = ids.gather(1, spread_transcript(chars, lengths, int(lengths.max())))  # [B, S]
-    frames = model.llama_model.get_input_embeddings()(spoken) * 500  # a confident match
-    shuffled_frames, shuffled_lengths = frames.roll(1, dims=0), lengths.roll(1)  # another row's speech
+    table = model.llama_model.get_input_embeddings()
+    rows = [torch.repeat_interleave(ids[b, : n[b]], torch.tensor([1 + 2 * (t % 2) for t in range(int(n[b]))])) for b in range(len(n))]
+    lengths = torch.tensor([len(r) for r in rows])
+    spoken = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=proc.pad_id)  # [B, S]
+    frames = table(spoken) * 500  # a confident match at every position
     with torch.no_grad():
-        shuffled = {}
         for negatives in (None, 64):
-            aligned = token_alignment(model, frames, lengths, ids, chars, negatives)
-            shuffled[negatives] = float(token_alignment(model, shuffled_frames, shuffled_lengths, ids, chars, negatives))
-            assert float(aligned) < 0.05 < shuffled[negatives], negatives
-    # Sampled: never above the whole vocabulary's loss (a subset of the same competitors).
-    assert shuffled[64] <= shuffled[None] + 1e-4
+            aligned = float(ctc_alignment(model, frames, lengths, ids, n, negatives))
+            shuffled = float(ctc_alignment(model, frames.roll(1, dims=0), lengths.roll(1), ids, n, negatives))
+            assert aligned < 0.05 < shuffled, (negatives, aligned, shuffled)
     embeds, speech_lengths = model.speech_embeddings(batch["speech"])
     model.zero_grad(set_to_none=True)
-    token_alignment(model, embeds, speech_lengths, ids, chars).backward()
+    ctc_alignment(model, embeds, speech_lengths, ids, n, 64).backward()
     assert all(p.grad is None for p in model.llama_model.parameters())  # only the adapter learns
     assert model.adapter.fc1.weight.grad.abs().sum() > 0
 
@@ -126,8 +118,9 @@ def test_continuation_tokens_keeps_the_template_and_the_first_target_tokens(tiny
     ids, labels = truncate_target(ex["suffix_ids"], ex["suffix_labels"], 3)
     assert list(ids) == ex["suffix_ids"][: template + 3]
     assert (labels[:template] == IGNORE).all() and list(labels[template:]) == ex["suffix_labels"][template : template + 3]
-    batch = {"waveform": [np.zeros(16000, np.float32)], "prefix_ids": [ex["prefix_ids"]],
-             "suffix_ids": [ex["suffix_ids"]], "suffix_labels": [ex["suffix_labels"]]}
+    batch = {"waveform": [np.zeros(16000, np.float32)] * 2, "prefix_ids": [ex["prefix_ids"]] * 2, "task": ["continuation", "transcription"],
+             "suffix_ids": [ex["suffix_ids"]] * 2, "suffix_labels": [ex["suffix_labels"]] * 2}
     full = prepare_stage2(batch, str(tiny_assets / "lm"), False, 8)
     cut = prepare_stage2(batch, str(tiny_assets / "lm"), False, 8, continuation_tokens=3)
     assert full["length"][0] - cut["length"][0] == len(ex["suffix_ids"]) - template - 3  # bucketing sees the cut
+    assert list(cut["suffix_ids"][1]) == list(ex["suffix_ids"]) and cut["length"][1] == full["length"][1]  # a transcript stays whole

@@ -105,11 +105,13 @@ def plan_corpus(cfg: SpeechSynthConfig) -> list[dict]:
     plan = []
     for i, text in enumerate(sentences):
         split = "heldout" if i < n_heldout else "train"
-        voice = rng.choice(cfg.heldout_voices if split == "heldout" else cfg.train_voices)
-        speed = rng.choice(cfg.speeds)
-        pitch = pitch_rng.choice(cfg.pitches) if len(cfg.pitches) > 1 else cfg.pitches[0]
-        plan.append({"split": split, "text": text, "voice": voice, "speed": speed, "pitch": pitch,
-                     "wav": Path(cfg.out_dir) / "wav" / _wav_name(split, i, text, voice, speed, pitch)})
+        voices = cfg.heldout_voices if split == "heldout" else cfg.train_voices
+        k = 1 if split == "heldout" else cfg.train_voices_per_sentence
+        for voice in [rng.choice(voices)] if k == 1 else rng.sample(voices, k):
+            speed = rng.choice(cfg.speeds)
+            pitch = pitch_rng.choice(cfg.pitches) if len(cfg.pitches) > 1 else cfg.pitches[0]
+            plan.append({"split": split, "text": text, "voice": voice, "speed": speed, "pitch": pitch,
+                         "wav": Path(cfg.out_dir) / "wav" / _wav_name(split, i, text, voice, speed, pitch)})
     return plan
 
 

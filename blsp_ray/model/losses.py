@@ -46,42 +46,31 @@ def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech
     return logits, labels[:, 1:][keep]
 
 
-def spread_transcript(token_chars: torch.Tensor, speech_lengths: torch.Tensor, num_positions: int) -> torch.Tensor:
-    """Which transcript token is spoken at each speech position, assuming speech runs at an even
-    pace in characters: token t covers its share of the clip in proportion to its characters.
-
-    token_chars: [B, T] characters per transcript token (0 past the transcript's end); speech_lengths: [B].
-    Returns [B, S] indices into the transcript (S = num_positions).
-    """
-    chars = token_chars.float()
-    edges = chars.cumsum(-1) / chars.sum(-1, keepdim=True).clamp(min=1)  # [B, T], ends at 1
-    centres = (torch.arange(num_positions, device=chars.device) + 0.5) / speech_lengths[:, None].clamp(min=1)  # [B, S]
-    index = torch.searchsorted(edges.contiguous(), centres.contiguous())  # first token whose span ends past the centre
-    last = (token_chars > 0).sum(-1, keepdim=True).clamp(min=1) - 1
-    return torch.minimum(index, last)
-
-
-def token_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
-                    token_chars: torch.Tensor, negatives: int | None = None) -> torch.Tensor:
-    """Pull each speech position towards the LM's embedding of the transcript token spoken there
-    (``spread_transcript``): a warm-up that gives the adapter's output the words' identity before
-    the continuation objective, without running the LM.
-
-    Cross-entropy of the token among the vocabulary, scored against the LM's token embeddings
-    (discriminative: the token must be told apart from similar ones). ``negatives``: a sampled
-    softmax over the batch's spoken tokens plus this many drawn uniformly from the vocabulary,
-    instead of all of it (the [N, V] product is most of a step's cost; a uniform proposal needs no
-    correction). speech_embeds [B, S, H]; transcript_ids, token_chars [B, T].
+def ctc_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
+                  transcript_lengths: torch.Tensor, negatives: int | None = None) -> torch.Tensor:
+    """CTC of the transcript's tokens over the adapter's output positions: each position is scored
+    against the LM's token embeddings plus a blank whose logit is fixed at 0 (no new parameters:
+    the adapter learns to say "nothing here" by scoring below 0 on every token). Every monotonic
+    alignment is summed, so where each token is spoken is learnt, not assumed. A warm-up that
+    gives the adapter's output the words' identity before the objective, without running the LM.
+    ``negatives``: a sampled softmax over the batch's spoken tokens plus this many drawn uniformly
+    from the vocabulary, instead of all of it (the [B, S, V] product is most of a step's cost).
+    Mean over the batch of the loss per transcript token. speech_embeds [B, S, H];
+    transcript_ids [B, T]; lengths [B].
     """
     table = blsp.llama_model.get_input_embeddings().weight  # [V, H]
-    spoken = transcript_ids.gather(1, spread_transcript(token_chars, speech_lengths, speech_embeds.shape[1]))  # [B, S]
-    keep = length_mask(speech_lengths, speech_embeds.shape[1])  # [B, S]
-    frames, targets = speech_embeds[keep].float(), spoken[keep]  # [N, H], [N]
+    spoken = transcript_ids[length_mask(transcript_lengths, transcript_ids.shape[1])]  # [N]
     if negatives:
-        drawn = torch.randint(0, table.shape[0], (negatives,), device=targets.device)
-        candidates = torch.unique(torch.cat([targets, drawn]))  # [C], sorted
-        return F.cross_entropy(frames @ table[candidates].float().T, torch.searchsorted(candidates, targets))
-    return F.cross_entropy(frames @ table.float().T, targets)
+        drawn = torch.randint(0, table.shape[0], (negatives,), device=spoken.device)
+        candidates = torch.unique(torch.cat([spoken, drawn]))  # [C], sorted
+        targets = torch.searchsorted(candidates, transcript_ids).clamp(max=len(candidates) - 1)  # past the end: unread
+        scores = speech_embeds.float() @ table[candidates].float().T  # [B, S, C]
+    else:
+        targets, scores = transcript_ids, speech_embeds.float() @ table.float().T
+    blank = scores.shape[-1]
+    logits = torch.cat([scores, scores.new_zeros(*scores.shape[:2], 1)], dim=-1)  # [B, S, C + 1]
+    log_probs = logits.log_softmax(-1).transpose(0, 1)  # [S, B, C + 1], as ctc_loss reads it
+    return F.ctc_loss(log_probs, targets, speech_lengths, transcript_lengths, blank=blank, zero_infinity=True)
 
 
 def stage2_objective(

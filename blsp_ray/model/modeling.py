@@ -39,6 +39,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "blsp_adapter.json"
 
 
+SPEECH_POSITIONS = ("all", "ctc_tokens")
+
+
 class BlspConfig(PretrainedConfig):
     model_type = "blsp"
 
@@ -49,6 +52,7 @@ class BlspConfig(PretrainedConfig):
         conv_kernel_sizes: str = "5,5,5",
         adapter_inner_dim: int = 512,
         pad_audio_to_30s: bool = True,
+        speech_positions: str = "all",
         **kwargs,
     ):
         # The original release's config.json has no ``pad_audio_to_30s``: its checkpoints were
@@ -59,6 +63,11 @@ class BlspConfig(PretrainedConfig):
         self.conv_kernel_sizes = conv_kernel_sizes
         self.adapter_inner_dim = adapter_inner_dim
         self.pad_audio_to_30s = pad_audio_to_30s
+        # "all": every adapter output position goes to the LM (the original); "ctc_tokens": only
+        # those where the adapter's greedy CTC reading emits a token (BlspModel.select_speech_positions).
+        if speech_positions not in SPEECH_POSITIONS:
+            raise ValueError(f"speech_positions must be one of {SPEECH_POSITIONS}, got {speech_positions!r}")
+        self.speech_positions = speech_positions
 
     def to_diff_dict(self) -> dict:
         return {**super().to_diff_dict(), "pad_audio_to_30s": self.pad_audio_to_30s}
@@ -277,9 +286,31 @@ class BlspModel(PreTrainedModel):
         return whisper_encode(self.whisper_model, speech, self.config.pad_audio_to_30s)
 
     def speech_embeddings(self, speech: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mel features -> LM-space speech embeddings [B, S, hidden] and lengths [B]."""
+        """Mel features -> LM-space speech embeddings [B, S, hidden] and lengths [B], the positions
+        the LM reads (``select_speech_positions``)."""
         hidden, lengths = self.encode_speech(speech)
-        return self.speech_adapter(hidden, lengths)
+        return self.select_speech_positions(*self.speech_adapter(hidden, lengths))
+
+    def select_speech_positions(self, embeds: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's output positions the LM reads: all of them, or with ``speech_positions:
+        ctc_tokens`` those where its greedy CTC reading emits a token: scored against the LM's token
+        embeddings and a blank at logit 0 (as ``losses.ctc_alignment`` trains them), a position
+        is kept when its best score beats the blank and its token differs from the previous
+        position's. The LM then reads about one embedding per spoken token, as it reads text.
+        A row with none keeps its most token-like position. embeds [B, S, H] -> [B, S', H], lengths [B]."""
+        if self.config.speech_positions == "all":
+            return embeds, lengths
+        table = self.llama_model.get_input_embeddings().weight  # [V, H]
+        with torch.no_grad():  # which positions: a discrete choice; the kept vectors still train
+            best_score, best = (embeds.detach().to(table.dtype) @ table.T).max(-1)  # [B, S]
+            real = length_mask(lengths, embeds.shape[1])
+            token = torch.where((best_score > 0) & real, best, -1)  # -1: blank (or padding)
+            previous = F.pad(token[:, :-1], (1, 0), value=-1)
+            keep = (token >= 0) & (token != previous)  # [B, S]
+            fallback = best_score.masked_fill(~real, float("-inf")).argmax(1)  # [B]
+            keep[torch.arange(len(keep)), fallback] |= ~keep.any(1)
+        rows = [embeds[b][keep[b]] for b in range(embeds.shape[0])]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), keep.sum(1).to(lengths.dtype)
 
     # ---- splicing ---------------------------------------------------------------------------
 
@@ -388,6 +419,7 @@ class BlspModel(PreTrainedModel):
             "conv_kernel_sizes": self.config.conv_kernel_sizes,
             "adapter_inner_dim": self.config.adapter_inner_dim,
             "pad_audio_to_30s": self.config.pad_audio_to_30s,
+            "speech_positions": self.config.speech_positions,
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
@@ -444,6 +476,7 @@ def build_blsp_from_parts(
     pad_audio_to_30s: bool = False,
     dtype: torch.dtype = torch.float32,
     match_embedding_scale: bool = False,
+    speech_positions: str = "all",
 ) -> BlspModel:
     """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter
     (``match_embedding_scale``: see ``SpeechAdapter.match_embedding_scale``)."""
@@ -455,6 +488,7 @@ def build_blsp_from_parts(
         conv_kernel_sizes=conv_kernel_sizes,
         adapter_inner_dim=adapter_inner_dim,
         pad_audio_to_30s=pad_audio_to_30s,
+        speech_positions=speech_positions,
     )
     model = BlspModel(config, llama_model=llama, whisper_model=whisper)
     if match_embedding_scale:
@@ -528,6 +562,7 @@ def blsp_config_for(settings) -> BlspConfig:
         conv_kernel_sizes=settings.conv_kernel_sizes,
         adapter_inner_dim=settings.adapter_inner_dim,
         pad_audio_to_30s=settings.pad_audio_to_30s,
+        speech_positions=settings.speech_positions,
     )
 
 
@@ -541,4 +576,5 @@ def build_blsp(settings) -> BlspModel:
         settings.pad_audio_to_30s,
         dtype=getattr(torch, settings.dtype),
         match_embedding_scale=settings.match_embedding_scale,
+        speech_positions=settings.speech_positions,
     )

@@ -44,12 +44,6 @@ def transcript_token_ids(tokenizer: PreTrainedTokenizerBase, transcript: str) ->
     return tokenizer(" " + str(transcript), add_special_tokens=False)["input_ids"]
 
 
-def token_char_counts(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """[V] characters each token spells (at least 1; spaces not counted): how long it takes to say."""
-    counts = [len(tokenizer.decode([i]).strip()) for i in range(len(tokenizer))]
-    return torch.tensor(counts, dtype=torch.long).clamp(min=1)
-
-
 def log_mel(
     feature_extractor: WhisperFeatureExtractor, waveforms: Sequence[np.ndarray], pad_audio_to_30s: bool = False
 ) -> SpeechBatch:

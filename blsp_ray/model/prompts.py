@@ -1,4 +1,7 @@
-"""The original release's prompt format, shared by stage 1, labelling, stage 2 and inference."""
+"""The original release's prompt format, shared by stage 1, labelling, stage 2 and inference, and
+which stage-2 task (so which prompt) a clip trains with."""
+
+import hashlib
 
 from blsp_ray.config import CONTINUATION_INSTRUCTION
 
@@ -14,6 +17,16 @@ def text_prompt(instruction: str) -> str:
 def continuation_prompt(transcript: str, instruction: str = CONTINUATION_INSTRUCTION) -> str:
     """Continuation labelling: the stage-1 LM continues the transcript."""
     return text_prompt(f"{instruction} {transcript}")
+
+
+def stage2_task(audio: str, transcription_share: float) -> str:
+    """The clip's stage-2 task: ``transcription`` (say the transcript) for a ``transcription_share``
+    of clips, by a hash of the clip's path (the same in labelling and preprocessing, across reruns,
+    shards and workers), else ``continuation`` (say the stage-1 LM's continuation)."""
+    if transcription_share <= 0:
+        return "continuation"
+    draw = int.from_bytes(hashlib.sha1(audio.encode("utf-8")).digest()[:8], "big") / 2**64  # uniform in [0, 1)
+    return "transcription" if draw < transcription_share else "continuation"
 
 
 def speech_prompt_parts(instruction: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ import torch
 
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.heldout import HeldoutSet
+from blsp_ray.heldout import HeldoutSet, bootstrap_difference
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.storage import open_output, read_jsonl
 from blsp_ray.metrics import text_metrics
@@ -39,21 +39,90 @@ def alignment_metrics(held: HeldoutSet) -> dict:
             "alignment_chrf": scores["chrf"], "alignment_rows": len(held)}
 
 
-TABLE_COLUMNS = {"nll": "NLL (nats/token)", "kl": "KL(text‖·)", "chrf": "chrF vs text cont.", "bleu": "BLEU vs text cont.",
-                 "wer": "WER (transcribe)", "word_recall": "word recall"}
+# The held-out table's columns: what each number compares, in the order printed.
+TABLE_COLUMNS = {
+    "wer": "transcription WER (vs transcript)",
+    "transcription_nll": "transcript NLL (nats/token)",
+    "nll": "continuation NLL (nats/token, teacher's)",
+    "kl": "KL(text‖·) per token",
+    "content_word": "continuations sharing a content word with the clip",
+    "chrf": "continuation chrF vs teacher's",
+}
+EXAMPLES = 5
+
+
+def _condition_difference(a: dict, b: dict, metric: str) -> tuple[float, float, float]:
+    """a − b on ``metric`` (wer or nll) over the same clips, with its 95% bootstrap interval."""
+    num, den = {"wer": ("word_errors", "words"), "nll": ("continuation_nats", "continuation_tokens"),
+                "transcription_nll": ("transcription_nats", "transcription_tokens")}[metric]
+    pa, pb = a["per_clip"], b["per_clip"]
+    return bootstrap_difference(pa[num], pa[den], pb[num], pb[den])
+
+
+def summarize_table(conditions: dict) -> dict:
+    """What the table says, as numbers: the continuation-NLL gap closed by training, trained minus
+    shuffled with bootstrap intervals, and content-word sharing where the teacher's continuation
+    shares one."""
+    nll = {k: v["nll"] for k, v in conditions.items()}
+    gap = nll["untrained adapter"] - nll["transcript"]
+    trained, shuffled = conditions["trained adapter"], conditions["shuffled speech"]
+    teacher_shares = conditions["transcript"]["per_clip"]["teacher_content_word"]
+    teacher_clips = [i for i, shared in enumerate(teacher_shares) if shared]
+    summary = {
+        "gap_closed": (nll["untrained adapter"] - nll["trained adapter"]) / gap if gap > 0 else float("nan"),
+        "trained_minus_shuffled": {m: dict(zip(("difference", "low", "high"), _condition_difference(trained, shuffled, m)))
+                                   for m in ("wer", "nll")},
+        "teacher_content_word_clips": len(teacher_clips),
+    }
+    for name, row in conditions.items():
+        shares = row["per_clip"]["content_word"]
+        row["content_word_where_teacher"] = (sum(1 for i in teacher_clips if shares[i]) / len(teacher_clips)
+                                             if teacher_clips else float("nan"))
+    return summary
+
+
+def _cell(text: str, limit: int = 90) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def markdown_table(report: dict) -> str:
-    rows = [(k, v) for k, v in report["metrics"].items()]
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    """report.md: the predictions' scores (the generate stage), then the held-out table, its
+    summary and examples side by side."""
+    lines = [f"Predictions `{report['predictions']}`: {report['scored']} rows scored, {report['skipped']} skipped "
+             f"(errors or no reference); each score compares the model's reply with the reference field "
+             f"(WER/CER: edits per reference word/character, 0 = exact; BLEU/chrF: 0-100, 100 = exact).", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report["metrics"].items()]
     table = report.get("alignment_table")
     if table:
-        lines += ["", f"Held-out alignment ({table['rows']} clips of held-out voices); "
-                  f"NLL gap closed by training: {table['gap_closed']:.1%}", "",
+        conditions, s = table["conditions"], table["summary"]
+        lines += ["", f"## Held-out speech: {table['rows']} clips, voices and sentences unseen in training", "",
+                  "Conditions: what the LM reads where the speech goes. *untrained adapter*: a fresh adapter on the clip; "
+                  "*trained adapter*: the checkpoint's on the clip; *shuffled speech*: the checkpoint's on another clip "
+                  "(does the adapter carry this clip?); *transcript*: the transcript's token embeddings (the teacher "
+                  "whose continuations stage 2 learns, so the upper bound for continuations; asked to transcribe, the "
+                  "untuned LM often answers or goes on instead of repeating the text, so its WER bounds nothing). "
+                  "Lower is better for WER, NLL and KL.", "",
                   "| condition | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-        for name, scores in table["conditions"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" for k in TABLE_COLUMNS) + " |")
+        for name, row in conditions.items():
+            cells = [f"{row[k]:.1%}" if k in ("wer", "content_word") else f"{row[k]:.3f}" if k != "chrf" else f"{row[k]:.1f}"
+                     for k in TABLE_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        diff = s["trained_minus_shuffled"]
+        lines += ["", f"- Training closed {s['gap_closed']:.0%} of the continuation-NLL gap between the untrained adapter and the transcript.",
+                  f"- Trained minus shuffled speech (95% bootstrap interval over clips): transcription WER "
+                  f"{diff['wer']['difference']:+.1%} [{diff['wer']['low']:+.1%}, {diff['wer']['high']:+.1%}], "
+                  f"continuation NLL {diff['nll']['difference']:+.3f} [{diff['nll']['low']:+.3f}, {diff['nll']['high']:+.3f}] nats/token.",
+                  f"- Of the {s['teacher_content_word_clips']} clips whose teacher continuation shares a content word with the clip, "
+                  f"the trained adapter's continuation shares one for {conditions['trained adapter']['content_word_where_teacher']:.0%} "
+                  f"(untrained {conditions['untrained adapter']['content_word_where_teacher']:.0%}, "
+                  f"shuffled {conditions['shuffled speech']['content_word_where_teacher']:.0%}).",
+                  "", f"Examples (the first {EXAMPLES} held-out clips, trained adapter):", "",
+                  "| transcript | transcription (given the speech) | continuation (given the speech) | teacher's continuation (given the transcript) |",
+                  "|---|---|---|---|"]
+        for ex in conditions["trained adapter"]["examples"][:EXAMPLES]:
+            lines.append("| " + " | ".join(_cell(ex[k]) for k in ("text", "transcription", "continuation", "teacher")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -72,10 +141,7 @@ def alignment_table(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> di
         "shuffled speech": held.scores(trained, "shuffled"),
         "transcript": held.scores(None, "transcript"),
     }
-    nll = {k: v["nll"] for k, v in conditions.items()}
-    gap = nll["untrained adapter"] - nll["transcript"]
-    return {"rows": len(held), "conditions": conditions,
-            "gap_closed": (nll["untrained adapter"] - nll["trained adapter"]) / gap if gap > 0 else float("nan")}
+    return {"rows": len(held), "conditions": conditions, "summary": summarize_table(conditions)}
 
 
 def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, reference_field: str = "reference",

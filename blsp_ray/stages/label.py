@@ -44,7 +44,7 @@ from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engin
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
 from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
-from blsp_ray.model.prompts import continuation_prompt
+from blsp_ray.model.prompts import continuation_prompt, stage2_task
 from blsp_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,11 @@ def prompt_ids(row: dict, tokenizer, instruction: str, max_prompt_tokens: int) -
     return ids
 
 
-def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None) -> list[dict]:
-    """One shard -> one row per row of it: kept rows carry prompt ids, dropped rows a reason and its detail."""
+def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None,
+               transcription_share: float = 0.0) -> list[dict]:
+    """One shard -> one row per row of it: kept rows carry prompt ids, dropped rows a reason and its
+    detail. Rows stage 2 trains on the transcription task (``stage2_task``) are kept without a
+    prompt: their target is their transcript, so the engine never sees them."""
     shard = Shard(**item)
     s3 = S3Config(**s3) if s3 else None
     tokenizer = _tokenizer(local_copy(lm_path, s3))  # this task's node may not have the checkpoint yet
@@ -93,6 +96,8 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
     for n, row in read_rows(shard, s3, drop):
         try:
             ids = prompt_ids(row, tokenizer, instruction, max_prompt_tokens)
+            if isinstance(row.get("audio"), str) and stage2_task(row["audio"], transcription_share) == "transcription":
+                ids = []
         except RowDropped as err:
             drop(n, err, row)
             continue
@@ -117,8 +122,8 @@ class ContinuationLabeller:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["shard"])
         prompts = [json.loads(p) for p in batch["prompt_json"]]
-        keep = [i for i in range(n) if not batch["drop_reason"][i]]
-        gens = self.engine.generate_ids([prompts[i] for i in keep])
+        keep = [i for i in range(n) if not batch["drop_reason"][i] and prompts[i]]  # no prompt: a transcription row
+        gens = self.engine.generate_ids([prompts[i] for i in keep]) if keep else []
         texts, tokens, finish = [""] * n, [0] * n, [""] * n
         for i, g in zip(keep, gens):
             texts[i], tokens[i], finish[i] = g.text.strip(), len(g.token_ids), g.finish_reason
@@ -240,7 +245,8 @@ def run_label(cfg: BlspRayConfig) -> dict:
         ds = ray.data.from_items([asdict(s) for s in with_rows], override_num_blocks=len(with_rows))
         ds = ds.flat_map(read_shard, fn_kwargs=dict(lm_path=model_path, instruction=lc.instruction,
                                                      max_prompt_tokens=lc.max_prompt_tokens,
-                                                     s3=s3.model_dump() if s3 else None), num_cpus=0.5)
+                                                     s3=s3.model_dump() if s3 else None,
+                                                     transcription_share=cfg.stage2.transcription_share), num_cpus=0.5)
         ds = ds.map_batches(
             ContinuationLabeller,
             fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),

@@ -36,6 +36,7 @@ from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, quiet_ray
 from blsp_ray.io.storage import exists, is_s3, list_dir, open_input, open_output, write_text
 from blsp_ray.model.audio import SAMPLE_RATE, read_clip
 from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.model.prompts import stage2_task
 from blsp_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema([
     ("audio", pa.string()),
     ("text", pa.string()),  # transcript
-    ("target", pa.string()),  # what the LM learns to say after the speech (the continuation)
+    ("task", pa.string()),  # continuation | transcription (``model.prompts.stage2_task``)
+    ("target", pa.string()),  # what the LM learns to say after the speech: the continuation, or the transcript
     ("duration", pa.float64()),
     ("waveform", pa.list_(pa.float32())),  # 16 kHz mono
     ("prefix_ids", pa.list_(pa.int64())),
@@ -89,13 +91,16 @@ class Settings:
     min_duration_s: float
     max_duration_s: float
     max_target_tokens: int | None
+    transcription_share: float
+    transcription_instruction: str
     shard_names: str = "<input stem>-<sha1 of input>[:8]-<first row>"  # blsp_ray.io.shards.shard_key
 
     @classmethod
     def of(cls, cfg: BlspRayConfig, inputs: list[str]) -> Settings:
         d = cfg.data
         return cls(inputs, d.rows_per_shard, d.instruction or cfg.stage2.instruction, d.target_column, cfg.model.lm_path,
-                   SAMPLE_RATE, d.min_duration_s, d.max_duration_s, d.max_target_tokens)
+                   SAMPLE_RATE, d.min_duration_s, d.max_duration_s, d.max_target_tokens,
+                   cfg.stage2.transcription_share, cfg.stage2.transcription_instruction)
 
 
 def _check_str(row: dict, key: str, required: bool = True) -> str | None:
@@ -125,15 +130,17 @@ class ShardProcessor:
         s = self.settings
         audio = _check_str(row, "audio")
         text = _check_str(row, "text", required=False) or ""
-        target = _check_str(row, s.target_column, required=False)
+        task = stage2_task(audio, s.transcription_share)
+        column, instruction = ("text", s.transcription_instruction) if task == "transcription" else (s.target_column, s.instruction)
+        target = _check_str(row, column, required=False)
         if target is None or not target.strip():
-            raise RowDropped(DropReason.NO_TARGET, f"no `{s.target_column}`")
-        ids = self.processor.speech_prompt(s.instruction, target)
+            raise RowDropped(DropReason.NO_TARGET, f"no `{column}` for the {task} task")
+        ids = self.processor.speech_prompt(instruction, target)
         n_target = len(ids["suffix_ids"]) - sum(1 for x in ids["suffix_labels"] if x == -100)
         if s.max_target_tokens is not None and n_target > s.max_target_tokens:
             raise RowDropped(DropReason.TARGET_TOO_LONG, f"{n_target} target tokens > {s.max_target_tokens}")
         waveform = read_clip(audio, s.min_duration_s, s.max_duration_s, s.sample_rate, converted)
-        return {"audio": audio, "text": text, "target": target, "duration": len(waveform) / s.sample_rate,
+        return {"audio": audio, "text": text, "task": task, "target": target, "duration": len(waveform) / s.sample_rate,
                 "waveform": waveform, **ids}
 
     def write_shard(self, shard: Shard) -> Summary:

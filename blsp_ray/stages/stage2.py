@@ -23,8 +23,8 @@ from blsp_ray.config import BlspRayConfig
 from blsp_ray.heldout import HeldoutSet
 from blsp_ray.io.layout import RunLayout
 from blsp_ray.io.storage import exists, is_s3, local_copy, read_jsonl
-from blsp_ray.model.losses import stage2_objective, token_alignment
-from blsp_ray.model.modeling import SpeechAdapter, build_blsp, length_mask, load_whisper_encoder, subsampling_factor, whisper_encode
+from blsp_ray.model.losses import ctc_alignment, stage2_objective
+from blsp_ray.model.modeling import SpeechAdapter, build_blsp, load_whisper_encoder, subsampling_factor, whisper_encode
 from blsp_ray.model.processing import (
     HOP_LENGTH,
     IGNORE,
@@ -33,7 +33,6 @@ from blsp_ray.model.processing import (
     load_tokenizer,
     log_mel,
     pad_ids,
-    token_char_counts,
     transcript_token_ids,
 )
 from blsp_ray.runtime import init_ray
@@ -63,10 +62,12 @@ def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndar
 def prepare_stage2(batch: dict, lm_path: str, with_transcripts: bool, frames_per_embedding: int,
                    continuation_tokens: int | None = None) -> dict:
     """Ray Data map over preprocessed shards: a length estimate for bucketing (+ transcript ids for
-    KL), continuations cut to ``continuation_tokens`` when set."""
+    KL), continuations (not transcriptions: those are learnt whole, up to the EOS that ends them)
+    cut to ``continuation_tokens`` when set."""
     out = {k: batch[k] for k in ("waveform", "prefix_ids", "suffix_ids", "suffix_labels")}
     if continuation_tokens is not None:
-        cut = [truncate_target(i, l, continuation_tokens) for i, l in zip(batch["suffix_ids"], batch["suffix_labels"])]
+        cut = [truncate_target(i, l, continuation_tokens) if task == "continuation" else (i, l)
+               for i, l, task in zip(batch["suffix_ids"], batch["suffix_labels"], batch["task"])]
         out["suffix_ids"] = [ids for ids, _ in cut]
         out["suffix_labels"] = [labels for _, labels in cut]
     speech = np.asarray([len(w) // HOP_LENGTH // frames_per_embedding for w in batch["waveform"]], dtype=np.int64)
@@ -127,10 +128,10 @@ class Stage2Task:
 
     @property
     def needs_transcripts(self) -> bool:
-        return self.train.objective in ("kl", "ce+kl") or self.uses_token_alignment
+        return self.train.objective in ("kl", "ce+kl") or self.uses_alignment
 
     @property
-    def uses_token_alignment(self) -> bool:
+    def uses_alignment(self) -> bool:
         """As a warm-up, as an auxiliary loss during the objective, or both."""
         return self.train.alignment_steps > 0 or self.train.alignment_weight > 0
 
@@ -139,8 +140,16 @@ class Stage2Task:
         """Optimiser steps where a learning-rate phase begins: the objective after the alignment warm-up."""
         return [0, self.train.alignment_steps] if self.train.alignment_steps else [0]
 
+    @property
+    def phase_names(self) -> list[str]:
+        t = self.train
+        objective = {"ce": "CE", "kl": f"KL at T={t.kl_temperature:g}", "ce+kl": f"CE + KL at T={t.kl_temperature:g}"}[t.objective]
+        objective += f" + {t.alignment_weight:g} × CTC alignment" if t.alignment_weight else ""
+        names = [f"adapter: {objective}"]
+        return ["adapter warm-up: CTC alignment"] + names if t.alignment_steps else names
+
     def dataset(self) -> ray.data.Dataset:
-        columns = ["waveform", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
+        columns = ["waveform", "task", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
         ds = ray.data.read_parquet(self.layout.preprocessed, columns=columns)
         frames_per_embedding = subsampling_factor(len(self.cfg.model.conv_kernel_sizes.split(",")))
         ds = ds.map_batches(
@@ -180,8 +189,6 @@ class Stage2Task:
         # loss runs through go to the same device here.
         self.blsp.to(get_accelerator().current_device_name())
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
-        if self.uses_token_alignment:
-            self.token_chars = token_char_counts(self.processor.tokenizer)  # [V]
         return self.blsp.speech_adapter
 
     def collate(self, rows: list[dict]) -> dict:
@@ -212,19 +219,18 @@ class Stage2Task:
         speech_embeds, speech_lengths = engine(hidden.to(next(engine.module.parameters()).dtype), lengths)
         t = self.train
         if engine.global_steps < t.alignment_steps:
-            loss = self._token_alignment(batch, speech_embeds, speech_lengths)
+            loss = self._alignment(batch, speech_embeds, speech_lengths)
             return {"loss": loss, "alignment": loss.detach()}
-        parts = stage2_objective(self.blsp, batch, speech_embeds, speech_lengths,
+        parts = stage2_objective(self.blsp, batch, *self.blsp.select_speech_positions(speech_embeds, speech_lengths),
                                  t.objective, t.ce_weight, t.kl_weight, t.kl_temperature)
         if t.alignment_weight:
-            parts["alignment"] = self._token_alignment(batch, speech_embeds, speech_lengths)
+            parts["alignment"] = self._alignment(batch, speech_embeds, speech_lengths)
             parts["loss"] = parts["loss"] + t.alignment_weight * parts["alignment"]
         return parts
 
-    def _token_alignment(self, batch: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> torch.Tensor:
-        ids, n = batch["transcript_ids"], batch["transcript_lengths"]
-        chars = self.token_chars.to(ids.device)[ids] * length_mask(n, ids.shape[1])  # [B, T], 0 past the end
-        return token_alignment(self.blsp, speech_embeds, speech_lengths, ids, chars, self.train.alignment_negatives)
+    def _alignment(self, batch: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> torch.Tensor:
+        return ctc_alignment(self.blsp, speech_embeds, speech_lengths, batch["transcript_ids"], batch["transcript_lengths"],
+                             self.train.alignment_negatives)
 
     @staticmethod
     def count_tokens(batch: dict) -> int:

@@ -82,6 +82,10 @@ class Task(Protocol):
         """Optimiser steps where a learning-rate phase begins (``[0]``: one phase); the last one's
         steps come on top of the step budget."""
 
+    @property
+    def phase_names(self) -> list[str]:
+        """What is trained in each phase, and with which loss: the legend of ``loss_curve.png``."""
+
     # -- driver side --
 
     def dataset(self) -> ray.data.Dataset:
@@ -145,16 +149,24 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def _plot_loss(history: list[dict], path: Path, title: str) -> None:
-    """Training loss over steps; beside it the held-out metrics, when the task reported any."""
+def _plot_loss(history: list[dict], path: Path, title: str, phase_starts: list[int], phase_names: list[str]) -> None:
+    """Training loss over steps, one line per phase (their losses differ, so no line joins them),
+    the phase boundaries marked; beside it the held-out metrics, when the task reported any."""
     heldout = sorted({k for h in history for k in h if k.startswith("heldout_")})
     fig = Figure(figsize=(11 if heldout else 6, 4))  # no pyplot: no global backend or figure registry
     axes = fig.subplots(1, 2 if heldout else 1, squeeze=False)
     ax = axes[0][0]
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o")
+    bounds = list(phase_starts) + [float("inf")]
+    for start, end, name in zip(bounds, bounds[1:], phase_names):
+        points = [(h["step"], h["loss"]) for h in history if start < h["step"] <= end]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+        if start > 0:
+            ax.axvline(start, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (per phase)")
     ax.set_title(title)
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     if heldout:
         ax = axes[0][1]
@@ -323,7 +335,7 @@ def train_loop_per_worker(loop: dict) -> None:
                                   "world_size": world, "history": history, "metrics": metrics}
                     (tmp / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
                     if last:
-                        _plot_loss(history, tmp / EXPORT_DIR / LOSS_CURVE, f"{task.name} training loss")
+                        _plot_loss(history, tmp / EXPORT_DIR / LOSS_CURVE, f"{task.name} training loss", task.phase_starts, task.phase_names)
                         (tmp / EXPORT_DIR / "train_metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                                  checkpoint_dir_name=f"checkpoint_{step:07d}")
