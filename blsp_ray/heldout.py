@@ -71,6 +71,9 @@ class HeldoutSet:
         self.engine = TransformersEngine(blsp.llama_model, self.tokenizer, settings, batch_size)
         self.continuations = [g.text.strip() for g in self.engine.generate([continuation_prompt(t, instruction) for t in self.texts])]
         self._teacher_logits: list[torch.Tensor] | None = None
+        # Per clip: does the teacher's continuation share a content word with the clip (the bar the
+        # table's content-word column is read against).
+        self.teacher_content_word = [bool(content_words(c) & content_words(t)) for c, t in zip(self.continuations, self.texts)]
 
     @classmethod
     def from_config(cls, cfg: BlspRayConfig, blsp, processor, rows: Sequence[dict], batch_size: int = 16) -> HeldoutSet:
@@ -121,6 +124,12 @@ class HeldoutSet:
         logits, targets = continuation_forward(self.blsp, prompt, embeds, lengths)
         return logits, targets, (prompt["suffix_labels"] != IGNORE).sum(1).tolist()  # rows in clip order
 
+    @staticmethod
+    def _clip_nats(logits: torch.Tensor, targets: torch.Tensor, per_clip: list[int]) -> list[float]:
+        """Each clip's summed NLL (nats) of its target tokens; ``per_clip``: their counts, clips in order."""
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        return [float(x.sum()) for x in losses.split(per_clip)]
+
     @torch.no_grad()
     def teacher_forced(self, adapter: SpeechAdapter | None, condition: str = "speech") -> dict:
         """Continuation: NLL (nats/token) of the teacher's continuations (+EOS) and KL(transcript || condition)
@@ -130,8 +139,7 @@ class HeldoutSet:
         kl, nats, counts = 0.0, [], []
         for idx, teacher in zip(self._batches(), self._teacher_logits):
             student, targets, per_clip = self._logits(idx, condition, adapter)
-            losses = F.cross_entropy(student.float(), targets, reduction="none")  # [N], clips in order
-            nats += [float(x.sum()) for x in losses.split(per_clip)]
+            nats += self._clip_nats(student, targets, per_clip)
             counts += per_clip
             kl += float(response_kl(student, teacher, temperature=1.0)) * len(targets)  # the batch's mean, summed back
         tokens = sum(counts)
@@ -143,8 +151,7 @@ class HeldoutSet:
         nats, counts = [], []
         for idx in self._batches():
             logits, targets, per_clip = self._logits(idx, condition, adapter, task)
-            losses = F.cross_entropy(logits.float(), targets, reduction="none")  # [N], clips in order
-            nats += [float(x.sum()) for x in losses.split(per_clip)]
+            nats += self._clip_nats(logits, targets, per_clip)
             counts += per_clip
         return np.asarray(nats), np.asarray(counts, dtype=np.float64)
 
@@ -187,9 +194,7 @@ class HeldoutSet:
         })
         row["per_clip"] = {"continuation_nats": cont_nats, "continuation_tokens": cont_tokens,
                            "transcription_nats": nats.tolist(), "transcription_tokens": tokens.tolist(),
-                           "word_errors": errors.tolist(), "words": words.tolist(), "content_word": shares,
-                           "teacher_content_word": [bool(content_words(c) & content_words(t))
-                                                    for c, t in zip(self.continuations, self.texts)]}
+                           "word_errors": errors.tolist(), "words": words.tolist(), "content_word": shares}
         row["examples"] = [{"text": t, "transcription": h, "continuation": g, "teacher": c}
                            for t, h, g, c in zip(self.texts, transcripts, continuations, self.continuations)]
         return row
@@ -200,12 +205,11 @@ def clip_word_errors(hypotheses: Sequence[str], references: Sequence[str]) -> tu
     insertions) and reference words. Their sums' ratio is the corpus WER."""
     errors, words = [], []
     for hyp, ref in zip(hypotheses, references, strict=True):
-        ref_words = normalize_english(ref).split()
-        hyp_norm = normalize_english(hyp)
+        ref_words, hyp_words = normalize_english(ref).split(), normalize_english(hyp).split()
         if not ref_words:
-            errors.append(len(hyp_norm.split()))
+            errors.append(len(hyp_words))
         else:
-            out = jiwer.process_words(" ".join(ref_words), hyp_norm if hyp_norm.strip() else "")
+            out = jiwer.process_words(" ".join(ref_words), " ".join(hyp_words))
             errors.append(out.substitutions + out.deletions + out.insertions)
         words.append(len(ref_words))
     return np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)

@@ -48,26 +48,25 @@ TABLE_COLUMNS = {
     "content_word": "continuations sharing a content word with the clip",
     "chrf": "continuation chrF vs teacher's",
 }
+CELL_FORMATS = {"wer": ".1%", "content_word": ".1%", "chrf": ".1f"}  # the rest: .3f
 EXAMPLES = 5
 
 
 def _condition_difference(a: dict, b: dict, metric: str) -> tuple[float, float, float]:
     """a − b on ``metric`` (wer or nll) over the same clips, with its 95% bootstrap interval."""
-    num, den = {"wer": ("word_errors", "words"), "nll": ("continuation_nats", "continuation_tokens"),
-                "transcription_nll": ("transcription_nats", "transcription_tokens")}[metric]
+    num, den = {"wer": ("word_errors", "words"), "nll": ("continuation_nats", "continuation_tokens")}[metric]
     pa, pb = a["per_clip"], b["per_clip"]
     return bootstrap_difference(pa[num], pa[den], pb[num], pb[den])
 
 
-def summarize_table(conditions: dict) -> dict:
+def summarize_table(conditions: dict, teacher_content_word: list[bool]) -> dict:
     """What the table says, as numbers: the continuation-NLL gap closed by training, trained minus
-    shuffled with bootstrap intervals, and content-word sharing where the teacher's continuation
-    shares one."""
+    shuffled with bootstrap intervals, and content-word sharing on the clips where the teacher's
+    continuation shares one (``teacher_content_word``, per clip)."""
     nll = {k: v["nll"] for k, v in conditions.items()}
     gap = nll["untrained adapter"] - nll["transcript"]
     trained, shuffled = conditions["trained adapter"], conditions["shuffled speech"]
-    teacher_shares = conditions["transcript"]["per_clip"]["teacher_content_word"]
-    teacher_clips = [i for i, shared in enumerate(teacher_shares) if shared]
+    teacher_clips = [i for i, shared in enumerate(teacher_content_word) if shared]
     summary = {
         "gap_closed": (nll["untrained adapter"] - nll["trained adapter"]) / gap if gap > 0 else float("nan"),
         "trained_minus_shuffled": {m: dict(zip(("difference", "low", "high"), _condition_difference(trained, shuffled, m)))
@@ -106,8 +105,7 @@ def markdown_table(report: dict) -> str:
                   "Lower is better for WER, NLL and KL.", "",
                   "| condition | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
         for name, row in conditions.items():
-            cells = [f"{row[k]:.1%}" if k in ("wer", "content_word") else f"{row[k]:.3f}" if k != "chrf" else f"{row[k]:.1f}"
-                     for k in TABLE_COLUMNS]
+            cells = [format(row[k], CELL_FORMATS.get(k, ".3f")) for k in TABLE_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         diff = s["trained_minus_shuffled"]
         lines += ["", f"- Training closed {s['gap_closed']:.0%} of the continuation-NLL gap between the untrained adapter and the transcript.",
@@ -141,7 +139,8 @@ def alignment_table(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> di
         "shuffled speech": held.scores(trained, "shuffled"),
         "transcript": held.scores(None, "transcript"),
     }
-    return {"rows": len(held), "conditions": conditions, "summary": summarize_table(conditions)}
+    return {"rows": len(held), "conditions": conditions, "teacher_content_word": held.teacher_content_word,
+            "summary": summarize_table(conditions, held.teacher_content_word)}
 
 
 def run_evaluate(cfg: BlspRayConfig, predictions_file: str, output_dir: str, reference_field: str = "reference",
