@@ -23,6 +23,7 @@ CONTINUATION_INSTRUCTION = "Continue the following text in a coherent and engagi
 # The transcription task's instruction: stage 2's transcription rows, the held-out table's
 # transcriptions, and the generate stage's default.
 TRANSCRIPTION_INSTRUCTION = "Please transcribe the following audio."
+PromptFormatName = Literal["original", "lm_chat_template"]  # blsp_ray.model.prompts
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,10 @@ class ModelConfig(_Section):
     # where the adapter's greedy CTC reading emits a token (about one per spoken token; train it
     # with stage2.alignment_steps). Saved with the checkpoint.
     speech_positions: Literal["all", "ctc_tokens"] = "all"
+    # How the LM is prompted everywhere (blsp_ray.model.prompts): "original", the original
+    # release's ###[Human]/###[Assistant] layout that its stage 1 teaches; "lm_chat_template", the
+    # LM's own chat template, for an instruct LM used without stage 1. Saved with the checkpoint.
+    prompt_format: PromptFormatName = "original"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Architectures (Hugging Face config fields) for when the checkpoints are not at hand:
     # sizing the model on the meta device, planning memory. Loading always uses the checkpoint's.

@@ -69,7 +69,7 @@ class HeldoutSet:
                 self.hidden += [h[:n] for h, n in zip(hidden, lengths.tolist())]
         # The teacher writes as in labelling: the text prompt, the labelling settings (greedy, stops).
         self.engine = TransformersEngine(blsp.llama_model, self.tokenizer, settings, batch_size)
-        self.continuations = [g.text.strip() for g in self.engine.generate([continuation_prompt(t, instruction) for t in self.texts])]
+        self.continuations = [g.text.strip() for g in self.engine.generate([continuation_prompt(processor.prompts, t, instruction) for t in self.texts])]
         self._teacher_logits: list[torch.Tensor] | None = None
         # Per clip: does the teacher's continuation share a content word with the clip (the bar the
         # table's content-word column is read against).

@@ -6,7 +6,7 @@ Prompt embeddings are LM-space rows [L, hidden] that every engine takes (transfo
 
 * clips: stage 2's [prefix | speech | suffix] prompt per clip (``speech_prompt_embeds``);
 * a conversation: turns (instruction text, optional speech, the assistant's reply for past turns)
-  laid out as the original release's chat demo does (``prompts.chat_turn_parts``), spliced with
+  laid out by the checkpoint's prompt format (``PromptFormat.chat_turn_parts``), spliced with
   ``BlspModel.splice`` as one right-padded batch (one row per turn); the real positions of the
   rows, in order, are the conversation (``prompt_embeds``).
 
@@ -43,7 +43,6 @@ from blsp_ray.engines import (
 from blsp_ray.io.storage import cache_dir, is_s3, local_copy, model_cache
 from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, adapter_metadata, checkpoint_bases, load_blsp
 from blsp_ray.model.processing import IGNORE, BlspProcessor
-from blsp_ray.model.prompts import chat_turn_parts
 
 
 @dataclass
@@ -116,7 +115,7 @@ class SpeechLM:
         override = cfg.pad_audio_to_30s if isinstance(cfg, SpeechCheckpointConfig) else None
         model = load_blsp(path, dtype=getattr(torch, dtype), pad_audio_to_30s=override).eval()
         lm_path, whisper_path = checkpoint_bases(path)
-        processor = BlspProcessor.from_paths(lm_path, whisper_path, model.config.pad_audio_to_30s)
+        processor = BlspProcessor.from_paths(lm_path, whisper_path, model.config.pad_audio_to_30s, model.config.prompt_format)
         if cfg.engine == "vllm":
             for part in model.children():
                 if part is not model.llama_model:  # the in-process LM only embeds prompt tokens
@@ -175,7 +174,7 @@ class SpeechLM:
             raise ValueError("a conversation needs at least one turn")
         examples = []
         for i, turn in enumerate(turns):
-            prefix, suffix = chat_turn_parts(turn.instruction, turn.reply, header if i == 0 else "")
+            prefix, suffix = self.processor.prompts.chat_turn_parts(turn.instruction, turn.reply, header, first=i == 0)
             suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
             examples.append(
                 {

@@ -106,7 +106,7 @@ def _logit_margin(model, prompt_ids: list[int], prefix: list[int]) -> float:
 def test_vllm_greedy_matches_transformers(labelled_both, tiny_assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from blsp_ray.model.prompts import continuation_prompt
+    from blsp_ray.model.prompts import OriginalPrompts, continuation_prompt
 
     vllm_rows, hf_rows = read_labels(labelled_both["vllm"][0]), read_labels(labelled_both["transformers"][0])
     assert vllm_rows.keys() == hf_rows.keys()
@@ -119,7 +119,7 @@ def test_vllm_greedy_matches_transformers(labelled_both, tiny_assets):
     model = AutoModelForCausalLM.from_pretrained(tiny_assets / "lm").eval()
     tok = AutoTokenizer.from_pretrained(tiny_assets / "lm")
     for k in differ:
-        prompt = tok(continuation_prompt(hf_rows[k]["text"]))["input_ids"]
+        prompt = tok(continuation_prompt(OriginalPrompts(), hf_rows[k]["text"]))["input_ids"]
         a, b = (tok(r[k]["continuation"], add_special_tokens=False)["input_ids"] for r in (hf_rows, vllm_rows))
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         margin = _logit_margin(model, prompt, a[:n])

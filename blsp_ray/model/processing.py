@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureE
 
 from blsp_ray.model.audio import SAMPLE_RATE, check_duration
 from blsp_ray.model.modeling import SpeechBatch
-from blsp_ray.model.prompts import speech_prompt_parts, text_prompt
+from blsp_ray.model.prompts import PromptFormatName, prompt_format
 
 IGNORE = -100
 HOP_LENGTH = 160  # samples per Whisper log-mel frame at SAMPLE_RATE (10 ms)
@@ -83,18 +83,22 @@ class BlspProcessor:
         tokenizer: PreTrainedTokenizerBase,
         feature_extractor: WhisperFeatureExtractor,
         pad_audio_to_30s: bool = False,
+        prompts: PromptFormatName = "original",
     ):
         self.tokenizer = tokenizer
+        self.prompts = prompt_format(prompts, tokenizer)
         self.feature_extractor = feature_extractor
         self.pad_audio_to_30s = pad_audio_to_30s
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def from_paths(cls, lm_path: str | os.PathLike, whisper_path: str | os.PathLike, pad_audio_to_30s: bool = False):
+    def from_paths(cls, lm_path: str | os.PathLike, whisper_path: str | os.PathLike, pad_audio_to_30s: bool = False,
+                   prompts: PromptFormatName = "original"):
         return cls(
             AutoTokenizer.from_pretrained(lm_path),
             WhisperFeatureExtractor.from_pretrained(whisper_path),
             pad_audio_to_30s,
+            prompts,
         )
 
     # ---- text -------------------------------------------------------------------------------
@@ -104,7 +108,7 @@ class BlspProcessor:
 
     def text_example(self, instruction: str, response: str, max_tokens: int | None = None) -> dict:
         """Stage 1: prompt + response + EOS; loss only on the response (prompt labels -100)."""
-        prompt = self.tokenizer(text_prompt(instruction))["input_ids"]
+        prompt = self.tokenizer(self.prompts.text_prompt(instruction))["input_ids"]
         target = self._target_ids(response)
         ids = (prompt + target)[:max_tokens]
         labels = ([IGNORE] * len(prompt) + target)[:max_tokens]
@@ -122,7 +126,7 @@ class BlspProcessor:
 
     def speech_prompt(self, instruction: str, target: str | None = None) -> dict:
         """Stage 2 / inference token ids around the speech: prefix, suffix (+ target + EOS)."""
-        prefix, suffix = speech_prompt_parts(instruction)
+        prefix, suffix = self.prompts.speech_prompt_parts(instruction)
         prefix_ids = self.tokenizer(prefix)["input_ids"]
         suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
         labels = [IGNORE] * len(suffix_ids)

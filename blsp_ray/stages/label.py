@@ -44,7 +44,7 @@ from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engin
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
 from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
-from blsp_ray.model.prompts import continuation_prompt, stage2_task
+from blsp_ray.model.prompts import PromptFormat, continuation_prompt, prompt_format, stage2_task
 from blsp_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -62,27 +62,28 @@ def _tokenizer(lm_path: str):
     return AutoTokenizer.from_pretrained(lm_path)
 
 
-def prompt_ids(row: dict, tokenizer, instruction: str, max_prompt_tokens: int) -> list[int]:
+def prompt_ids(row: dict, tokenizer, prompts: PromptFormat, instruction: str, max_prompt_tokens: int) -> list[int]:
     """A manifest row -> the token ids of its continuation prompt; RowDropped if it has none."""
     text = row.get("text")
     if not isinstance(text, str):
         raise RowDropped(DropReason.MISSING_TEXT, "no string `text`")
     if not text.strip():
         raise RowDropped(DropReason.EMPTY_TEXT, "`text` is empty")
-    ids = tokenizer(continuation_prompt(text.strip(), instruction))["input_ids"]
+    ids = tokenizer(continuation_prompt(prompts, text.strip(), instruction))["input_ids"]
     if not 0 < len(ids) < max_prompt_tokens:
         raise RowDropped(DropReason.PROMPT_TOO_LONG, f"{len(ids)} prompt tokens, label.max_prompt_tokens is {max_prompt_tokens}")
     return ids
 
 
 def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None,
-               transcription_share: float = 0.0) -> list[dict]:
+               transcription_share: float = 0.0, prompts: str = "original") -> list[dict]:
     """One shard -> one row per row of it: kept rows carry prompt ids, dropped rows a reason and its
     detail. Rows stage 2 trains on the transcription task (``stage2_task``) are kept without a
     prompt: their target is their transcript, so the engine never sees them."""
     shard = Shard(**item)
     s3 = S3Config(**s3) if s3 else None
     tokenizer = _tokenizer(local_copy(lm_path, s3))  # this task's node may not have the checkpoint yet
+    layout = prompt_format(prompts, tokenizer)
     name = PurePosixPath(shard.input).name
     out = []
 
@@ -95,7 +96,7 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
 
     for n, row in read_rows(shard, s3, drop):
         try:
-            ids = prompt_ids(row, tokenizer, instruction, max_prompt_tokens)
+            ids = prompt_ids(row, tokenizer, layout, instruction, max_prompt_tokens)
             if isinstance(row.get("audio"), str) and stage2_task(row["audio"], transcription_share) == "transcription":
                 ids = []
         except RowDropped as err:
@@ -246,7 +247,8 @@ def run_label(cfg: BlspRayConfig) -> dict:
         ds = ds.flat_map(read_shard, fn_kwargs=dict(lm_path=model_path, instruction=lc.instruction,
                                                      max_prompt_tokens=lc.max_prompt_tokens,
                                                      s3=s3.model_dump() if s3 else None,
-                                                     transcription_share=cfg.stage2.transcription_share), num_cpus=0.5)
+                                                     transcription_share=cfg.stage2.transcription_share,
+                                                     prompts=cfg.model.prompt_format), num_cpus=0.5)
         ds = ds.map_batches(
             ContinuationLabeller,
             fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),

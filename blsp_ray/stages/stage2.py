@@ -47,8 +47,8 @@ FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
 
 # lm_path may be an S3 run's stage-1 URI: loaded from this node's local copy (endpoint: AWS_ENDPOINT_URL).
 @functools.lru_cache(maxsize=4)
-def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False) -> BlspProcessor:
-    return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s)
+def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False, prompts: str = "original") -> BlspProcessor:
+    return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s, prompts)
 
 
 def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +188,8 @@ class Stage2Task:
         # DeepSpeed moves only the module it is given (the adapter); the frozen encoder and LM the
         # loss runs through go to the same device here.
         self.blsp.to(get_accelerator().current_device_name())
-        self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s)
+        self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s,
+                                    self.cfg.model.prompt_format)
         return self.blsp.speech_adapter
 
     def collate(self, rows: list[dict]) -> dict:
