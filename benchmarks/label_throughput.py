@@ -42,7 +42,7 @@ def main() -> None:
     from blsp_ray.config import BlspRayConfig, TinyAssetsConfig, config_from_dict, load_config
     from blsp_ray.demo.corpus import make_sentences
     from blsp_ray.engines import GenerationSettings, TransformersEngine, VllmEngine
-    from blsp_ray.model.prompts import continuation_prompt, prompt_format
+    from blsp_ray.model.prompts import continuation_prompt, make_prompt_format
 
     if args.config:
         base = load_config(args.config)
@@ -64,8 +64,8 @@ def main() -> None:
     t = time.time()
     vllm_engine = VllmEngine(lm, label.model_copy(update={"engine": "vllm"}), settings)
     start = time.time() - t
-    layout = prompt_format(base.model.prompt_format, vllm_engine.tokenizer)
-    prompts = [vllm_engine.tokenize(continuation_prompt(layout, x, label.instruction)) for x in texts]
+    prompt_layout = make_prompt_format(base.model.prompt_format, vllm_engine.tokenizer)
+    prompts = [vllm_engine.tokenize(continuation_prompt(prompt_layout, x, label.instruction)) for x in texts]
     prompts = [ids for ids in prompts if 0 < len(ids) < label.max_prompt_tokens]
     t = time.time()
     gens = vllm_engine.generate_ids(prompts)

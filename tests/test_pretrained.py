@@ -164,7 +164,7 @@ def test_chat_template_prompts_render_as_the_lm_template_does(mini_assets, tmp_p
     template's rendering of the whole conversation, and the format is saved with the checkpoint."""
     lm, whisper = str(mini_assets / "lm"), str(mini_assets / "whisper")
     tok = AutoTokenizer.from_pretrained(lm)
-    processor = BlspProcessor.from_paths(lm, whisper, prompts="lm_chat_template")
+    processor = BlspProcessor.from_paths(lm, whisper, prompt_format="lm_chat_template")
     fmt = processor.prompts
     prefix, suffix = fmt.speech_prompt_parts("Repeat the following sentence exactly:")
     text = " It was a long day."

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, WhisperFeatureE
 
 from blsp_ray.model.audio import SAMPLE_RATE, check_duration
 from blsp_ray.model.modeling import SpeechBatch
-from blsp_ray.model.prompts import PromptFormatName, prompt_format
+from blsp_ray.model.prompts import PromptFormatName, make_prompt_format
 
 IGNORE = -100
 HOP_LENGTH = 160  # samples per Whisper log-mel frame at SAMPLE_RATE (10 ms)
@@ -83,22 +83,22 @@ class BlspProcessor:
         tokenizer: PreTrainedTokenizerBase,
         feature_extractor: WhisperFeatureExtractor,
         pad_audio_to_30s: bool = False,
-        prompts: PromptFormatName = "original",
+        prompt_format: PromptFormatName = "original",
     ):
         self.tokenizer = tokenizer
-        self.prompts = prompt_format(prompts, tokenizer)
+        self.prompts = make_prompt_format(prompt_format, tokenizer)
         self.feature_extractor = feature_extractor
         self.pad_audio_to_30s = pad_audio_to_30s
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
     def from_paths(cls, lm_path: str | os.PathLike, whisper_path: str | os.PathLike, pad_audio_to_30s: bool = False,
-                   prompts: PromptFormatName = "original"):
+                   prompt_format: PromptFormatName = "original"):
         return cls(
             AutoTokenizer.from_pretrained(lm_path),
             WhisperFeatureExtractor.from_pretrained(whisper_path),
             pad_audio_to_30s,
-            prompts,
+            prompt_format,
         )
 
     # ---- text -------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class ChatTemplatePrompts:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"prompt_format lm_chat_template: the tokenizer at {tokenizer.name_or_path!r} has no chat template")
         self.tokenizer = tokenizer
+        # A later chat turn is rendered after this exchange, and what it adds is the turn's text.
+        self._before = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+        self._earlier = self._render(self._before, add_generation_prompt=False)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -99,16 +102,14 @@ class ChatTemplatePrompts:
         if first:  # as speech_prompt_parts renders it (the template's own system prompt if no header)
             system = [{"role": "system", "content": header}] if header else []
             return self._split(self._render([*system, *turn], reply is None))
-        # A later turn renders after an earlier exchange, the template's text for it alone: the
-        # template must render a conversation as the concatenation of its messages.
-        before = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
-        earlier, whole = self._render(before, False), self._render([*before, *turn], reply is None)
-        if not whole.startswith(earlier):
+        # The template must render a conversation as the concatenation of its messages.
+        whole = self._render([*self._before, *turn], reply is None)
+        if not whole.startswith(self._earlier):
             raise ValueError("the LM's chat template does not render a conversation turn by turn; use prompt_format: original")
-        return self._split(whole[len(earlier):])
+        return self._split(whole[len(self._earlier):])
 
 
-def prompt_format(name: PromptFormatName, tokenizer: PreTrainedTokenizerBase | None = None) -> PromptFormat:
+def make_prompt_format(name: PromptFormatName, tokenizer: PreTrainedTokenizerBase | None = None) -> PromptFormat:
     """The ``PromptFormat`` called ``name`` (``lm_chat_template`` renders with ``tokenizer``)."""
     if name == "original":
         return OriginalPrompts()

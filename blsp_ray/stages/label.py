@@ -44,7 +44,7 @@ from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engin
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
 from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
-from blsp_ray.model.prompts import PromptFormat, continuation_prompt, prompt_format, stage2_task
+from blsp_ray.model.prompts import PromptFormat, continuation_prompt, make_prompt_format, stage2_task
 from blsp_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,14 @@ def prompt_ids(row: dict, tokenizer, prompts: PromptFormat, instruction: str, ma
 
 
 def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: int, s3: dict | None,
-               transcription_share: float = 0.0, prompts: str = "original") -> list[dict]:
+               transcription_share: float = 0.0, prompt_format: str = "original") -> list[dict]:
     """One shard -> one row per row of it: kept rows carry prompt ids, dropped rows a reason and its
     detail. Rows stage 2 trains on the transcription task (``stage2_task``) are kept without a
     prompt: their target is their transcript, so the engine never sees them."""
     shard = Shard(**item)
     s3 = S3Config(**s3) if s3 else None
     tokenizer = _tokenizer(local_copy(lm_path, s3))  # this task's node may not have the checkpoint yet
-    layout = prompt_format(prompts, tokenizer)
+    prompts = make_prompt_format(prompt_format, tokenizer)
     name = PurePosixPath(shard.input).name
     out = []
 
@@ -96,7 +96,7 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
 
     for n, row in read_rows(shard, s3, drop):
         try:
-            ids = prompt_ids(row, tokenizer, layout, instruction, max_prompt_tokens)
+            ids = prompt_ids(row, tokenizer, prompts, instruction, max_prompt_tokens)
             if isinstance(row.get("audio"), str) and stage2_task(row["audio"], transcription_share) == "transcription":
                 ids = []
         except RowDropped as err:
@@ -248,7 +248,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
                                                      max_prompt_tokens=lc.max_prompt_tokens,
                                                      s3=s3.model_dump() if s3 else None,
                                                      transcription_share=cfg.stage2.transcription_share,
-                                                     prompts=cfg.model.prompt_format), num_cpus=0.5)
+                                                     prompt_format=cfg.model.prompt_format), num_cpus=0.5)
         ds = ds.map_batches(
             ContinuationLabeller,
             fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),

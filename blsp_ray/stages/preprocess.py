@@ -123,7 +123,7 @@ class ShardProcessor:
 
     def __init__(self, cfg: BlspRayConfig, settings: Settings, output: str):
         self.cfg, self.settings, self.output = cfg, settings, output
-        self.processor = BlspProcessor.from_paths(cfg.model.lm_path, cfg.model.whisper_path, prompts=cfg.model.prompt_format)
+        self.processor = BlspProcessor.from_paths(cfg.model.lm_path, cfg.model.whisper_path, prompt_format=cfg.model.prompt_format)
 
     def example(self, row: dict, converted: Counter) -> dict:
         """A manifest row -> a stage-2 row (SCHEMA); RowDropped if it cannot be one."""

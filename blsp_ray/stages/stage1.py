@@ -26,10 +26,10 @@ from blsp_ray.train.loop import TrainResult, full_state_dict, run_training
 log = logging.getLogger(__name__)
 
 
-def tokenize_stage1(batch: dict, lm_path: str, max_tokens: int, prompts: str = "original") -> dict:
+def tokenize_stage1(batch: dict, lm_path: str, max_tokens: int, prompt_format: str = "original") -> dict:
     """Ray Data map: {"instruction","output"} rows -> input_ids, labels, length (bad rows dropped, counted)."""
     tokenizer = load_tokenizer(local_copy(lm_path))
-    processor = BlspProcessor(tokenizer, feature_extractor=None, prompts=prompts)
+    processor = BlspProcessor(tokenizer, feature_extractor=None, prompt_format=prompt_format)
     ids, labels, lengths = [], [], []
     dropped = 0
     for instruction, output in zip(batch["instruction"], batch["output"]):
@@ -75,7 +75,7 @@ class Stage1Task:
         return ds.map_batches(
             tokenize_stage1,
             fn_kwargs={"lm_path": self.cfg.model.lm_path, "max_tokens": self.cfg.data.max_stage1_tokens,
-                       "prompts": self.cfg.model.prompt_format},
+                       "prompt_format": self.cfg.model.prompt_format},
             batch_format="numpy",
             batch_size=256,
         )

@@ -47,8 +47,8 @@ FROZEN_DIGEST = "frozen_weights.sha256.json"  # in the stage-2 export
 
 # lm_path may be an S3 run's stage-1 URI: loaded from this node's local copy (endpoint: AWS_ENDPOINT_URL).
 @functools.lru_cache(maxsize=4)
-def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False, prompts: str = "original") -> BlspProcessor:
-    return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s, prompts)
+def _processor(lm_path: str, whisper_path: str, pad_audio_to_30s: bool = False, prompt_format: str = "original") -> BlspProcessor:
+    return BlspProcessor.from_paths(local_copy(lm_path), whisper_path, pad_audio_to_30s, prompt_format)
 
 
 def truncate_target(suffix_ids, suffix_labels, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
