@@ -88,6 +88,10 @@ class ModelConfig(_Section):
     # where the adapter's greedy CTC reading emits a token (about one per spoken token; train it
     # with stage2.alignment_steps). Saved with the checkpoint.
     speech_positions: Literal["all", "ctc_tokens"] = "all"
+    # How an adapter position is scored against a token by the CTC alignment and the ctc_tokens
+    # reading (model.modeling.token_scores): "dot" (pointing the token's way, at any length) or
+    # "distance" (near the token's embedding, where the LM reads that token). Saved with the checkpoint.
+    token_score: Literal["dot", "distance"] = "dot"
     # How the LM is prompted everywhere (blsp_ray.model.prompts): "original", the original
     # release's ###[Human]/###[Assistant] layout that its stage 1 teaches; "lm_chat_template", the
     # LM's own chat template, for an instruct LM used without stage 1. Saved with the checkpoint.

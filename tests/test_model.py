@@ -210,3 +210,23 @@ def test_ctc_token_positions_keep_one_embedding_per_emitted_token(tiny_assets, t
     plain = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
     same, n = plain.select_speech_positions(torch.stack([row0, row1]), torch.tensor([6, 4]))
     assert n.tolist() == [6, 4] and same.shape == (2, 7, table.shape[1])  # "all": the adapter's output as it is
+
+
+def test_distance_token_score_reads_a_position_as_a_token_only_near_its_embedding(tiny_assets, tmp_path):
+    """token_score: distance. A vector on a token's embedding reads as that token; one pointing the
+    token's way at 50x its length reads as that token by the dot score but as a blank by distance,
+    so the positions the LM reads are ones it could read as text; the setting travels with the checkpoint."""
+    parts = dict(adapter_inner_dim=32, speech_positions="ctc_tokens")
+    near = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", token_score="distance", **parts)
+    dot = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", **parts)
+    table = near.llama_model.get_input_embeddings().weight.detach()  # [V, H]
+    a, b, long = table[5], table[9] * 1.05, table[7] * 50
+    row = torch.stack([a, a, long, b])[None]  # [1, 4, H]
+    embeds, lengths = near.select_speech_positions(row, torch.tensor([4]))
+    assert lengths.tolist() == [2]
+    torch.testing.assert_close(embeds[0], torch.stack([a, b]))
+    assert dot.select_speech_positions(row, torch.tensor([4]))[1].tolist() == [3]
+    near.save_adapter(tmp_path / "ckpt", str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
+    assert load_blsp(tmp_path / "ckpt").config.token_score == "distance"
+    with pytest.raises(ValueError, match="token_score"):
+        build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", token_score="cosine", **parts)

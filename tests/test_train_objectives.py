@@ -91,12 +91,17 @@ def test_ctc_alignment_learns_where_tokens_are_spoken(setup, tiny_assets):
     rows = [torch.repeat_interleave(ids[b, : n[b]], torch.tensor([1 + 2 * (t % 2) for t in range(int(n[b]))])) for b in range(len(n))]
     lengths = torch.tensor([len(r) for r in rows])
     spoken = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=proc.pad_id)  # [B, S]
-    frames = table(spoken) * 500  # a confident match at every position
-    with torch.no_grad():
-        for negatives in (None, 64):
-            aligned = float(ctc_alignment(model, frames, lengths, ids, n, negatives))
-            shuffled = float(ctc_alignment(model, frames.roll(1, dims=0), lengths.roll(1), ids, n, negatives))
-            assert aligned < 0.05 < shuffled, (negatives, aligned, shuffled)
+    # A confident match at every position: far along each token's direction (dot), on it (distance).
+    try:
+        for score, frames in (("dot", table(spoken) * 500), ("distance", table(spoken))):
+            model.config.token_score = score
+            with torch.no_grad():
+                for negatives in (None, 64):
+                    aligned = float(ctc_alignment(model, frames, lengths, ids, n, negatives))
+                    shuffled = float(ctc_alignment(model, frames.roll(1, dims=0), lengths.roll(1), ids, n, negatives))
+                    assert aligned < 0.05 < shuffled, (score, negatives, aligned, shuffled)
+    finally:
+        model.config.token_score = "dot"  # the module's model, as the other tests build it
     embeds, speech_lengths = model.speech_embeddings(batch["speech"])
     model.zero_grad(set_to_none=True)
     ctc_alignment(model, embeds, speech_lengths, ids, n, 64).backward()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blsp_ray.model.modeling import length_mask
+from blsp_ray.model.modeling import length_mask, token_scores
 from blsp_ray.model.processing import IGNORE
 
 
@@ -49,8 +49,9 @@ def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech
 def ctc_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
                   transcript_lengths: torch.Tensor, negatives: int | None = None) -> torch.Tensor:
     """CTC of the transcript's tokens over the adapter's output positions: each position is scored
-    against the LM's token embeddings plus a blank whose logit is fixed at 0 (no new parameters:
-    the adapter learns to say "nothing here" by scoring below 0 on every token). Every monotonic
+    against the LM's token embeddings (``token_scores``, by the model's ``token_score``) plus a
+    blank whose logit is fixed at 0 (no new parameters: the adapter learns to say "nothing here" by
+    scoring below 0 on every token). Every monotonic
     alignment is summed, so where each token is spoken is learnt, not assumed. A warm-up that
     gives the adapter's output the words' identity before the objective, without running the LM.
     ``negatives``: a sampled softmax over the batch's spoken tokens plus this many drawn uniformly
@@ -64,9 +65,9 @@ def ctc_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tenso
         drawn = torch.randint(0, table.shape[0], (negatives,), device=spoken.device)
         candidates = torch.unique(torch.cat([spoken, drawn]))  # [C], sorted
         targets = torch.searchsorted(candidates, transcript_ids).clamp(max=len(candidates) - 1)  # past the end: unread
-        scores = speech_embeds.float() @ table[candidates].float().T  # [B, S, C]
     else:
-        targets, scores = transcript_ids, speech_embeds.float() @ table.float().T
+        targets, candidates = transcript_ids, None
+    scores = token_scores(speech_embeds.float(), table.float(), blsp.config.token_score, candidates)  # [B, S, C]
     blank = scores.shape[-1]
     logits = torch.cat([scores, scores.new_zeros(*scores.shape[:2], 1)], dim=-1)  # [B, S, C + 1]
     log_probs = logits.log_softmax(-1).transpose(0, 1)  # [S, B, C + 1], as ctc_loss reads it

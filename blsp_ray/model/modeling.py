@@ -42,6 +42,27 @@ ADAPTER_CONFIG = "blsp_adapter.json"
 
 
 SPEECH_POSITIONS = ("all", "ctc_tokens")
+TOKEN_SCORES = ("dot", "distance")
+# ``token_score: distance``: a position e scores SHARPNESS * (1 - |e - E_v|^2 / r^2) for token v (r^2:
+# the mean squared norm of the LM's token embeddings), so it beats the blank (0) only within about one
+# embedding norm of E_v. At e = E_v the token scores 8 and an unrelated one (about sqrt(2) r away) -8,
+# which makes a softmax over a few thousand candidates near one-hot.
+DISTANCE_SHARPNESS = 8.0
+
+
+def token_scores(embeds: torch.Tensor, table: torch.Tensor, kind: str, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """How well each adapter output position reads as each LM token, against a blank at 0: the CTC
+    alignment's logits and the ``ctc_tokens`` reading. ``dot``: e . E_v (the vector only has to point
+    the token's way, at any length); ``distance``: closeness to E_v itself, so an emitting position is
+    near the embedding the LM reads as that token. embeds [..., H], table [V, H], candidates [C]
+    (rows of table; None: all) -> [..., C]."""
+    rows = table if candidates is None else table[candidates]
+    if kind == "dot":
+        return embeds @ rows.T
+    if kind == "distance":
+        squared = embeds.pow(2).sum(-1, keepdim=True) - 2 * embeds @ rows.T + rows.pow(2).sum(-1)  # |e - E_v|^2
+        return DISTANCE_SHARPNESS * (1 - squared / table.pow(2).sum(-1).mean())
+    raise ValueError(f"token_score must be one of {TOKEN_SCORES}, got {kind!r}")
 
 
 class BlspConfig(PretrainedConfig):
@@ -56,6 +77,7 @@ class BlspConfig(PretrainedConfig):
         pad_audio_to_30s: bool = True,
         speech_positions: str = "all",
         prompt_format: str = "original",
+        token_score: str = "dot",
         **kwargs,
     ):
         # The original release's config.json has no ``pad_audio_to_30s``: its checkpoints were
@@ -75,6 +97,10 @@ class BlspConfig(PretrainedConfig):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.prompt_format = prompt_format
+        # How a position is scored against a token (``token_scores``): "dot" for checkpoints that record nothing.
+        if token_score not in TOKEN_SCORES:
+            raise ValueError(f"token_score must be one of {TOKEN_SCORES}, got {token_score!r}")
+        self.token_score = token_score
 
     def to_diff_dict(self) -> dict:
         return {**super().to_diff_dict(), "pad_audio_to_30s": self.pad_audio_to_30s}
@@ -301,15 +327,16 @@ class BlspModel(PreTrainedModel):
     def select_speech_positions(self, embeds: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's output positions the LM reads: all of them, or with ``speech_positions:
         ctc_tokens`` those where its greedy CTC reading emits a token: scored against the LM's token
-        embeddings and a blank at logit 0 (as ``losses.ctc_alignment`` trains them), a position
-        is kept when its best score beats the blank and its token differs from the previous
+        embeddings (``token_scores``) and a blank at logit 0, as ``losses.ctc_alignment`` trains
+        them, a position is kept when its best score beats the blank and its token differs from the previous
         position's. The LM then reads about one embedding per spoken token, as it reads text.
         A row with none keeps its most token-like position. embeds [B, S, H] -> [B, S', H], lengths [B]."""
         if self.config.speech_positions == "all":
             return embeds, lengths
         table = self.llama_model.get_input_embeddings().weight  # [V, H]
         with torch.no_grad():  # which positions: a discrete choice; the kept vectors still train
-            best_score, best = (embeds.detach().to(table.dtype) @ table.T).max(-1)  # [B, S]
+            scores = token_scores(embeds.detach().to(table.dtype), table, self.config.token_score)  # [B, S, V]
+            best_score, best = scores.max(-1)  # [B, S]
             real = length_mask(lengths, embeds.shape[1])
             token = torch.where((best_score > 0) & real, best, -1)  # -1: blank (or padding)
             previous = F.pad(token[:, :-1], (1, 0), value=-1)
@@ -428,6 +455,7 @@ class BlspModel(PreTrainedModel):
             "pad_audio_to_30s": self.config.pad_audio_to_30s,
             "speech_positions": self.config.speech_positions,
             "prompt_format": self.config.prompt_format,
+            "token_score": self.config.token_score,
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
@@ -486,6 +514,7 @@ def build_blsp_from_parts(
     match_embedding_scale: bool = False,
     speech_positions: str = "all",
     prompt_format: str = "original",
+    token_score: str = "dot",
 ) -> BlspModel:
     """A BLSP model from a causal-LM checkpoint and a Whisper checkpoint, with a fresh adapter
     (``match_embedding_scale``: see ``SpeechAdapter.match_embedding_scale``)."""
@@ -499,6 +528,7 @@ def build_blsp_from_parts(
         pad_audio_to_30s=pad_audio_to_30s,
         speech_positions=speech_positions,
         prompt_format=prompt_format,
+        token_score=token_score,
     )
     model = BlspModel(config, llama_model=llama, whisper_model=whisper)
     if match_embedding_scale:
@@ -574,6 +604,7 @@ def blsp_config_for(settings) -> BlspConfig:
         pad_audio_to_30s=settings.pad_audio_to_30s,
         speech_positions=settings.speech_positions,
         prompt_format=settings.prompt_format,
+        token_score=settings.token_score,
     )
 
 
@@ -589,4 +620,5 @@ def build_blsp(settings) -> BlspModel:
         match_embedding_scale=settings.match_embedding_scale,
         speech_positions=settings.speech_positions,
         prompt_format=settings.prompt_format,
+        token_score=settings.token_score,
     )
