@@ -67,7 +67,7 @@ def ctc_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tenso
         targets = torch.searchsorted(candidates, transcript_ids).clamp(max=len(candidates) - 1)  # past the end: unread
     else:
         targets, candidates = transcript_ids, None
-    scores = token_scores(speech_embeds.float(), table.float(), blsp.config.token_score, candidates)  # [B, S, C]
+    scores = token_scores(speech_embeds.float(), table, blsp.config.token_score, candidates)  # [B, S, C]
     blank = scores.shape[-1]
     logits = torch.cat([scores, scores.new_zeros(*scores.shape[:2], 1)], dim=-1)  # [B, S, C + 1]
     log_probs = logits.log_softmax(-1).transpose(0, 1)  # [S, B, C + 1], as ctc_loss reads it

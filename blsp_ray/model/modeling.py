@@ -56,7 +56,7 @@ def token_scores(embeds: torch.Tensor, table: torch.Tensor, kind: str, candidate
     the token's way, at any length); ``distance``: closeness to E_v itself, so an emitting position is
     near the embedding the LM reads as that token. embeds [..., H], table [V, H], candidates [C]
     (rows of table; None: all) -> [..., C]."""
-    rows = table if candidates is None else table[candidates]
+    rows = (table if candidates is None else table[candidates]).to(embeds.dtype)  # cast the candidates only
     if kind == "dot":
         return embeds @ rows.T
     if kind == "distance":
