@@ -8,7 +8,7 @@ import torch
 
 from blsp_ray.io.storage import read_jsonl
 from blsp_ray.model.audio import load_audio
-from blsp_ray.model.losses import ctc_alignment, response_kl, stage2_objective
+from blsp_ray.model.losses import continuation_forward, ctc_alignment, response_kl, stage2_objective
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import IGNORE, BlspProcessor
 from blsp_ray.stages.stage2 import prepare_stage2, truncate_target
@@ -70,6 +70,41 @@ def test_ce_plus_kl_is_the_weighted_sum(setup):
         full = model(**{k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "suffix_labels")},
                      speech_embeds=embeds, speech_lengths=lengths).loss
     torch.testing.assert_close(ce, full)
+
+
+def test_continuation_forward_reuses_each_prefix_and_gives_the_whole_sequences_logits(setup, tiny_assets, speech_corpus):
+    """Rows of two tasks (two instructions, so two prefixes of different lengths) in one batch: the
+    pass that computes each distinct prefix once gives the logits, targets and adapter gradients of
+    the LM run over each whole [prefix | speech | suffix] sequence."""
+    model, _ = setup
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    rows = read_jsonl(speech_corpus["train"])[:4]
+    instructions = [INSTRUCTION, "Repeat:", INSTRUCTION, "Repeat:"]
+    targets = ["and then it rained.", rows[1]["text"], "so we went home early.", rows[3]["text"]]
+    batch = proc.collate_speech([proc.speech_prompt(i, t) for i, t in zip(instructions, targets)],
+                                [load_audio(r["audio"]) for r in rows])
+    assert len({int(m.sum()) for m in batch["prefix_mask"]}) == 2
+    prompt = {k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "suffix_labels")}
+
+    def adapter_grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in model.speech_adapter.parameters()]
+
+    embeds, lengths = model.speech_embeddings(batch["speech"])
+    logits, tokens = continuation_forward(model, prompt, embeds, lengths)
+    grads = adapter_grads(torch.nn.functional.cross_entropy(logits, tokens))
+    embeds, lengths = model.speech_embeddings(batch["speech"])
+    inputs, attention, labels = model.splice(prompt["prefix_ids"], prompt["prefix_mask"], embeds, lengths,
+                                             prompt["suffix_ids"], prompt["suffix_mask"], prompt["suffix_labels"])
+    whole = model.llama_model(inputs_embeds=inputs, attention_mask=attention).logits  # [B, L, V]
+    keep = labels[:, 1:] != IGNORE
+    expected_logits, expected_tokens = whole[:, :-1][keep], labels[:, 1:][keep]
+    expected_grads = adapter_grads(torch.nn.functional.cross_entropy(expected_logits, expected_tokens))
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
 
 
 def test_response_kl_matches_definition():

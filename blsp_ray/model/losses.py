@@ -33,17 +33,42 @@ def response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 def continuation_forward(blsp, prompt: dict, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The LM over [prefix | speech | suffix]; logits [N, V] only where a continuation token is predicted, and those tokens [N].
 
-    The vocabulary projection is the largest single matmul of a small LM; computing it only at
-    the continuation positions (a third or less of the sequence) gives the same loss for less.
+    The prefix (template + instruction) is the same for every row of a task and holds no speech,
+    so nothing trainable is upstream of it: the frozen LM's keys and values for it are computed
+    once per distinct prefix, without a graph, and each row's pass starts at its last prefix token
+    (whose output predicts the first position after it). Same logits as the whole sequence at once,
+    for one prefix forward per batch instead of one per row. The vocabulary projection, the largest
+    matmul of a small LM, runs only where a target token is predicted.
     """
-    inputs_embeds, attention_mask, labels = blsp.splice(
-        prompt["prefix_ids"], prompt["prefix_mask"], speech_embeds, speech_lengths,
-        prompt["suffix_ids"], prompt["suffix_mask"], prompt["suffix_labels"],
-    )
-    hidden = blsp.llama_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-    keep = labels[:, 1:] != IGNORE  # [B, L-1]: position t predicts label t+1
-    logits = blsp.llama_model.lm_head(hidden[:, :-1][keep])  # [N, V]
-    return logits, labels[:, 1:][keep]
+    lm = blsp.llama_model
+    prefix_ids, prefix_mask = prompt["prefix_ids"], prompt["prefix_mask"]
+    groups: dict[tuple[int, ...], list[int]] = {}  # distinct prefix -> its rows
+    for i in range(prefix_ids.shape[0]):
+        groups.setdefault(tuple(prefix_ids[i][prefix_mask[i].bool()].tolist()), []).append(i)
+    hidden_rows: list[torch.Tensor | None] = [None] * prefix_ids.shape[0]
+    label_rows: list[torch.Tensor | None] = [None] * prefix_ids.shape[0]
+    for prefix, rows in groups.items():
+        idx = torch.tensor(rows, device=prefix_ids.device)
+        n = len(rows)
+        last = prefix_ids.new_tensor([prefix[-1:]] * n)  # [n, 1]: the pass starts here
+        inputs_embeds, attention_mask, labels = blsp.splice(
+            last, torch.ones_like(last), speech_embeds[idx], speech_lengths[idx],
+            prompt["suffix_ids"][idx], prompt["suffix_mask"][idx], prompt["suffix_labels"][idx],
+        )  # [n, L, H], [n, L], [n, L]
+        cache = None
+        if len(prefix) > 1:
+            with torch.no_grad():
+                cache = lm.model(input_ids=prefix_ids.new_tensor([prefix[:-1]]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(n)
+            attention_mask = torch.cat([attention_mask.new_ones(n, len(prefix) - 1), attention_mask], 1)
+        hidden = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                          use_cache=cache is not None).last_hidden_state  # [n, L, H]
+        for j, i in enumerate(rows):
+            hidden_rows[i], label_rows[i] = hidden[j], labels[j]
+    # Position t predicts label t+1; rows in order, so the logits come clip by clip.
+    keep = [labels[1:] != IGNORE for labels in label_rows]
+    logits = lm.lm_head(torch.cat([h[:-1][k] for h, k in zip(hidden_rows, keep)]))  # [N, V]
+    return logits, torch.cat([labels[1:][k] for labels, k in zip(label_rows, keep)])
 
 
 def ctc_alignment(blsp, speech_embeds: torch.Tensor, speech_lengths: torch.Tensor, transcript_ids: torch.Tensor,
