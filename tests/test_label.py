@@ -143,6 +143,28 @@ def test_transcription_rows_are_not_labelled(ray_cluster, tiny_assets, tmp_path)
         labelled = tasks[r["audio"]] == "continuation"
         assert (r["generated_tokens"] > 0) == labelled and bool(r["continuation"]) == labelled, r
     assert summary["tokens_generated"] == sum(r["generated_tokens"] for r in rows.values())
+    assert summary["generations"] == sum(t == "continuation" for t in tasks.values())  # transcription rows: none
+
+
+def test_a_sentence_spoken_by_several_voices_is_generated_once(ray_cluster, tiny_assets, tmp_path):
+    """Greedy labelling continues identical prompts identically: each distinct transcript of a batch is
+    generated once and its continuation given to every row that reads it; sampling draws per row."""
+    manifest = tmp_path / "asr.jsonl"
+    sentences = ["the cat sat on a mat", "rain fell over quiet hills", "the river ran past old stone walls"]
+    rows = [{"audio": f"/clips/{s}-{v}.wav", "text": text} for s, text in enumerate(sentences) for v in range(4)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one_batch = {"rows_per_shard": 12, "batch_size": 12}  # every voice of a sentence in the same engine call
+    greedy = config_from_dict(make_config(tmp_path / "runs", tiny_assets, "greedy", manifest, **one_batch))
+    summary = run_label(greedy)
+    labels = read_labels(greedy)
+    assert summary["labelled"] == 12 and summary["generations"] == 3, summary
+    by_text = {}
+    for r in labels.values():
+        by_text.setdefault(r["text"], set()).add(r["continuation"])
+    assert all(len(c) == 1 and "" not in c for c in by_text.values()), by_text
+    assert summary["tokens_generated"] == sum(r["generated_tokens"] for r in labels.values())  # per row, as before
+    sampled = config_from_dict(make_config(tmp_path / "runs", tiny_assets, "sampled", manifest, temperature=1.0, seed=0, **one_batch))
+    assert run_label(sampled)["generations"] == 12
 
 
 def test_kill_and_rerun_labels_every_row_exactly_once(ray_cluster, tiny_assets, tmp_path):

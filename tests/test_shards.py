@@ -134,7 +134,8 @@ def test_label_shard_counts_logs_and_skips_a_bad_row(tmp_path, word_tokenizer, c
     rows = read_label_shard(shard)
     for r in rows:  # what the engine replicas add
         r.update(prompt_tokens=len(json.loads(r["prompt_json"])), continuation="" if r["drop_reason"] else "and more",
-                 generated_tokens=0 if r["drop_reason"] else 2, finish_reason="" if r["drop_reason"] else "length")
+                 generated_tokens=0 if r["drop_reason"] else 2, finish_reason="" if r["drop_reason"] else "length",
+                 generated=not r["drop_reason"])
     writer = label.ShardWriter([shard], str(tmp_path / "labels"), str(tmp_path / "stats"), {"gen_engine": "test"}, None)
     with caplog.at_level(logging.WARNING):
         committed = [s for s in map(writer.add, rows) if s is not None]

@@ -124,10 +124,18 @@ class ContinuationLabeller:
         n = len(batch["shard"])
         prompts = [json.loads(p) for p in batch["prompt_json"]]
         keep = [i for i in range(n) if not batch["drop_reason"][i] and prompts[i]]  # no prompt: a transcription row
-        gens = self.engine.generate_ids([prompts[i] for i in keep]) if keep else []
-        texts, tokens, finish = [""] * n, [0] * n, [""] * n
-        for i, g in zip(keep, gens):
-            texts[i], tokens[i], finish[i] = g.text.strip(), len(g.token_ids), g.finish_reason
+        # Greedy decoding continues identical prompts identically, so each distinct prompt of the batch
+        # is generated once (a sentence spoken by several voices is one prompt); sampling draws per row.
+        slots: dict = {}  # prompt (or row, when sampling) -> its place among the generations
+        row_slot = [slots.setdefault(tuple(prompts[i]) if self.engine.settings.greedy else i, len(slots)) for i in keep]
+        distinct = [list(key) if self.engine.settings.greedy else prompts[key] for key in slots]
+        gens = self.engine.generate_ids(distinct) if distinct else []
+        texts, tokens, finish, generated = [""] * n, [0] * n, [""] * n, [False] * n
+        seen = set()
+        for i, slot in zip(keep, row_slot):
+            g = gens[slot]
+            texts[i], tokens[i], finish[i], generated[i] = g.text.strip(), len(g.token_ids), g.finish_reason, slot not in seen
+            seen.add(slot)
         return {
             "shard": batch["shard"],
             ROW_ID: batch[ROW_ID],
@@ -138,6 +146,9 @@ class ContinuationLabeller:
             CONTINUATION: texts,
             "generated_tokens": tokens,
             "finish_reason": finish,
+            # The engine continued this row's prompt (False: dropped, a transcription row, or the same
+            # prompt earlier in the batch, whose continuation this row carries).
+            "generated": generated,
         }
 
 
@@ -182,8 +193,9 @@ class ShardWriter:
             pq.write_table(pa.Table.from_pylist(labelled), buf)
             with open_output(join(self.labels_dir, f"{shard.key}.parquet"), "wb", self.s3) as f:
                 f.write(buf.getvalue())
+        generations = sum(1 for r in rows if r["generated"])
         summary.write(join(self.stats_dir, shard.key + STATS_SUFFIX),
-                      {"tokens_generated": sum(r["generated_tokens"] for r in labelled)}, self.s3)
+                      {"tokens_generated": sum(r["generated_tokens"] for r in labelled), "generations": generations}, self.s3)
         self.committed += 1
         return summary
 
@@ -273,8 +285,8 @@ def run_label(cfg: BlspRayConfig) -> dict:
         if writer.pending:
             raise RuntimeError(f"shards incomplete after the job: {sorted(writer.pending)[:5]}")
 
-    total, tokens, n_committed = _summarise(cfg, shards, s3)
-    extra = dict(rows_in=total.kept + total.dropped_total, labelled=total.kept, tokens_generated=tokens,
+    total, tokens, generations, n_committed = _summarise(cfg, shards, s3)
+    extra = dict(rows_in=total.kept + total.dropped_total, labelled=total.kept, generations=generations, tokens_generated=tokens,
                  shards_committed=n_committed, wall_s=round(time.time() - t0, 2), shards_total=len(shards),
                  shards_this_run=len(todo), rows_this_run=rows_done, tokens_this_run=tokens_done,
                  tokens_per_s_this_run=round(tokens_done / max(time.time() - t0, 1e-9), 2),
@@ -286,9 +298,10 @@ def run_label(cfg: BlspRayConfig) -> dict:
     return summary
 
 
-def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> tuple[Summary, int, int]:
-    """Totals over every committed shard of the run (this run's and earlier runs'): counts, tokens, shards."""
-    total, tokens, n = Summary(), 0, 0
+def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> tuple[Summary, int, int, int]:
+    """Totals over every committed shard of the run (this run's and earlier runs'): counts, tokens,
+    generations (distinct prompts the engine continued), shards."""
+    total, tokens, generations, n = Summary(), 0, 0, 0
     done = committed(shards, stats_dir(cfg), STATS_SUFFIX, s3)
     for s in shards:
         if s.key not in done:
@@ -297,8 +310,9 @@ def _summarise(cfg: BlspRayConfig, shards: list[Shard], s3: S3Config | None) -> 
             stats = json.loads(f.read())
         total.merge(stats)
         tokens += stats["tokens_generated"]
+        generations += stats.get("generations", stats["kept"])  # stats without the count: one generation per kept row
         n += 1
-    return total, tokens, n
+    return total, tokens, generations, n
 
 
 # ---- entry point: jobs/label.py ----
