@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from blsp_ray.config import TRANSCRIPTION_INSTRUCTION, BlspRayConfig
-from blsp_ray.engines import GenerationSettings, TransformersEngine
+from blsp_ray.engines import GenerationSettings
 from blsp_ray.metrics import content_words, text_metrics, word_recall
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import continuation_forward, response_kl
 from blsp_ray.model.modeling import SpeechAdapter, to_device
 from blsp_ray.model.processing import IGNORE, transcript_token_ids
 from blsp_ray.model.prompts import CONTINUATION_INSTRUCTION, continuation_prompt
+from blsp_ray.speech_lm import SpeechLM
 from blsp_ray.text import normalize_english
 
 CONDITIONS = ("speech", "shuffled", "transcript")
@@ -51,37 +52,38 @@ def _pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 class HeldoutSet:
     """Held-out clips, their encoder outputs and the teacher's continuations, ready to score adapters.
 
+    ``speech_lm``: the model, processor and engine (the one model + engine wrapper); its engine's
+    settings are the teacher's and every greedy pass's (labelling's: greedy, its stop strings).
     ``rows``: {"text": transcript} dicts with ``waveforms`` (16 kHz float32) in the same order.
     ``instruction`` is the continuation task's, ``transcription_instruction`` the transcription task's.
     """
 
-    def __init__(self, blsp, processor, rows: Sequence[dict], waveforms: Sequence[np.ndarray],
-                 settings: GenerationSettings, batch_size: int = 16, instruction: str = CONTINUATION_INSTRUCTION,
-                 transcription_instruction: str = TRANSCRIPTION_INSTRUCTION):
-        self.blsp, self.processor, self.tokenizer = blsp, processor, processor.tokenizer
+    def __init__(self, speech_lm: SpeechLM, rows: Sequence[dict], waveforms: Sequence[np.ndarray],
+                 instruction: str = CONTINUATION_INSTRUCTION, transcription_instruction: str = TRANSCRIPTION_INSTRUCTION):
+        self.blsp, self.processor, self.tokenizer = speech_lm.model, speech_lm.processor, speech_lm.tokenizer
+        self.engine, self.batch_size = speech_lm.engine, speech_lm.batch_size
         self.texts = [str(r["text"]) for r in rows]
-        self.instruction, self.transcription_instruction, self.batch_size = instruction, transcription_instruction, batch_size
-        self.device = blsp.llama_model.device  # where the model is: every tensor built here goes there
+        self.instruction, self.transcription_instruction = instruction, transcription_instruction
+        self.device = self.blsp.llama_model.device  # where the model is: every tensor built here goes there
         self.hidden: list[torch.Tensor] = []  # [T_i, d_model] per clip
         with torch.no_grad():
-            for i in range(0, len(self.texts), batch_size):
-                hidden, lengths = blsp.encode_speech(processor.features(waveforms[i : i + batch_size]).to(self.device))
+            for i in range(0, len(self.texts), self.batch_size):
+                hidden, lengths = self.blsp.encode_speech(self.processor.features(waveforms[i : i + self.batch_size]).to(self.device))
                 self.hidden += [h[:n] for h, n in zip(hidden, lengths.tolist())]
-        # The teacher writes as in labelling: the text prompt, the labelling settings (greedy, stops).
-        self.engine = TransformersEngine(blsp.llama_model, self.tokenizer, settings, batch_size)
-        self.continuations = [g.text.strip() for g in self.engine.generate([continuation_prompt(processor.prompts, t, instruction) for t in self.texts])]
+        # The teacher writes as in labelling: the text prompt, the engine's (labelling's) settings.
+        prompts = [continuation_prompt(self.processor.prompts, t, instruction) for t in self.texts]
+        self.continuations = [g.text.strip() for g in self.engine.generate(prompts)]
         self._teacher_logits: list[torch.Tensor] | None = None
         # Per clip: does the teacher's continuation share a content word with the clip (the bar the
         # table's content-word column is read against).
         self.teacher_content_word = [bool(content_words(c) & content_words(t)) for c, t in zip(self.continuations, self.texts)]
 
     @classmethod
-    def from_config(cls, cfg: BlspRayConfig, blsp, processor, rows: Sequence[dict], batch_size: int = 16) -> HeldoutSet:
+    def from_config(cls, cfg: BlspRayConfig, speech_lm: SpeechLM, rows: Sequence[dict]) -> HeldoutSet:
         """A run's held-out clips (``rows`` with ``audio`` and ``text``) as training's held-out
-        metrics and the evaluate stage both score them: the teacher writes with the labelling
-        settings, the prompts carry stage 2's instructions."""
-        return cls(blsp, processor, rows, [load_audio(r["audio"]) for r in rows],
-                   GenerationSettings.from_config(cfg.label), batch_size, cfg.stage2.instruction,
+        metrics and the evaluate stage both score them: the prompts carry stage 2's instructions,
+        and ``speech_lm``'s engine generates with the labelling settings (``labelling_settings``)."""
+        return cls(speech_lm, rows, [load_audio(r["audio"]) for r in rows], cfg.stage2.instruction,
                    cfg.stage2.transcription_instruction)
 
     def __len__(self) -> int:
@@ -198,6 +200,12 @@ class HeldoutSet:
         row["examples"] = [{"text": t, "transcription": h, "continuation": g, "teacher": c}
                            for t, h, g, c in zip(self.texts, transcripts, continuations, self.continuations)]
         return row
+
+
+def labelling_settings(cfg: BlspRayConfig) -> GenerationSettings:
+    """How a held-out set's engine generates: as labelling did (greedy, its stop strings and length),
+    so the teacher's continuations are what stage 2 learnt from."""
+    return GenerationSettings.from_config(cfg.label)
 
 
 def clip_word_errors(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
 """The one wrapper around a BLSP model and its LM engine: checkpoint -> clips or chat turns ->
-prompt embeddings -> generation. Batch generation, the chat service and tests use it.
+prompt embeddings -> generation. Batch generation, the chat service, the held-out table and stage 2's
+held-out metrics use it.
 
 Prompt embeddings are LM-space rows [L, hidden] that every engine takes (transformers
 ``inputs_embeds``, vLLM ``prompt_embeds``):

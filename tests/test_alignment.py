@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.engines import GenerationSettings
+from blsp_ray.engines import GenerationSettings, TransformersEngine
 from blsp_ray.heldout import HeldoutSet
 from blsp_ray.io.storage import read_jsonl, write_jsonl
 from blsp_ray.metrics import word_recall
@@ -17,6 +17,7 @@ from blsp_ray.model.audio import load_audio
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import BlspProcessor
 from blsp_ray.stages.evaluate import TABLE_COLUMNS, run_evaluate
+from blsp_ray.speech_lm import SpeechLM
 from blsp_ray.stages.stage2 import encoder_outputs
 
 
@@ -27,7 +28,8 @@ def heldout(tiny_assets, speech_corpus):
     proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
     rows = read_jsonl(speech_corpus["heldout"])[:5]
     waves = [load_audio(r["audio"]) for r in rows]
-    return model, proc, rows, waves, HeldoutSet(model, proc, rows, waves, GenerationSettings(max_new_tokens=8, stop=("###",)), batch_size=2)
+    engine = TransformersEngine(model.llama_model, proc.tokenizer, GenerationSettings(max_new_tokens=8, stop=("###",)), 2)
+    return model, proc, rows, waves, HeldoutSet(SpeechLM(model, proc, engine, batch_size=2), rows, waves)
 
 
 def test_transcript_condition_is_its_own_teacher(heldout):

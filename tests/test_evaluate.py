@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from blsp_ray.config import config_from_dict
-from blsp_ray.engines import GenerationSettings
-from blsp_ray.heldout import HeldoutSet, bootstrap_difference, clip_word_errors
+from blsp_ray.engines import TransformersEngine
+from blsp_ray.heldout import HeldoutSet, bootstrap_difference, clip_word_errors, labelling_settings
 from blsp_ray.io.storage import read_jsonl, write_jsonl
 from blsp_ray.metrics import content_words, text_metrics
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import response_kl
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import BlspProcessor
+from blsp_ray.speech_lm import SpeechLM
 from blsp_ray.stages.evaluate import run_evaluate
 
 
@@ -112,7 +113,8 @@ def test_evaluate_alignment_is_the_heldout_kl(tiny_assets, speech_corpus, tmp_pa
     assert s["alignment_kl"] > 0.0 and math.isfinite(s["alignment_kl"])  # untrained adapter: speech != text
 
     proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
-    held = HeldoutSet(model, proc, rows, [load_audio(r["audio"]) for r in rows], GenerationSettings.from_config(cfg.label),
+    engine = TransformersEngine(model.llama_model, proc.tokenizer, labelling_settings(cfg), 16)
+    held = HeldoutSet(SpeechLM(model, proc, engine, 16), rows, [load_audio(r["audio"]) for r in rows],
                       instruction=cfg.stage2.instruction)
     expected = held.teacher_forced(model.speech_adapter, "speech")
     assert s["alignment_kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-6)

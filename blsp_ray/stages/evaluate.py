@@ -18,7 +18,7 @@ import torch
 
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.heldout import HeldoutSet, bootstrap_difference
+from blsp_ray.heldout import HeldoutSet, bootstrap_difference, labelling_settings
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.storage import open_output, read_jsonl
 from blsp_ray.metrics import text_metrics
@@ -28,8 +28,9 @@ from blsp_ray.speech_lm import SpeechLM, local_checkpoint
 
 def heldout_set(cfg: BlspRayConfig, blsp_model: str, rows: list[dict]) -> HeldoutSet:
     """``rows`` (audio + text) ready to score the checkpoint ``blsp_model`` (path or s3:// URI)."""
-    speech_lm = SpeechLM.from_checkpoint(local_checkpoint(blsp_model, cfg.cluster.s3), cfg.generate.model_copy(update={"engine": "transformers"}))
-    return HeldoutSet.from_config(cfg, speech_lm.model, speech_lm.processor, rows, cfg.generate.batch_size)
+    speech_lm = SpeechLM.from_checkpoint(local_checkpoint(blsp_model, cfg.cluster.s3), cfg.generate.model_copy(update={"engine": "transformers"}),
+                                         labelling_settings(cfg))
+    return HeldoutSet.from_config(cfg, speech_lm, rows)
 
 
 def alignment_metrics(held: HeldoutSet) -> dict:

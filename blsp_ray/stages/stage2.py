@@ -20,7 +20,8 @@ from transformers import WhisperFeatureExtractor
 
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig
-from blsp_ray.heldout import HeldoutSet
+from blsp_ray.engines import TransformersEngine
+from blsp_ray.heldout import HeldoutSet, labelling_settings
 from blsp_ray.io.layout import RunLayout
 from blsp_ray.io.storage import exists, is_s3, local_copy, read_jsonl
 from blsp_ray.model.losses import ctc_alignment, stage2_objective
@@ -36,6 +37,7 @@ from blsp_ray.model.processing import (
     transcript_token_ids,
 )
 from blsp_ray.runtime import init_ray
+from blsp_ray.speech_lm import SpeechLM
 from blsp_ray.train.loop import TrainResult, run_training
 
 # DeepSpeed is imported inside the worker-side methods only: importing it picks the accelerator,
@@ -243,7 +245,8 @@ class Stage2Task:
             return {}
         if getattr(self, "_heldout", None) is None:
             rows = [r for r in read_jsonl(self.cfg.heldout_manifest()) if r.get("audio") and r.get("text")][: self.train.eval_rows]
-            self._heldout = HeldoutSet.from_config(self.cfg, self.blsp, self.processor, rows)
+            text_engine = TransformersEngine(self.blsp.llama_model, self.processor.tokenizer, labelling_settings(self.cfg), 16)
+            self._heldout = HeldoutSet.from_config(self.cfg, SpeechLM(self.blsp, self.processor, text_engine, 16), rows)
         module = engine.module
         module.eval()
         scores = self._heldout.teacher_forced(module, "speech")
