@@ -126,16 +126,17 @@ class ContinuationLabeller:
         keep = [i for i in range(n) if not batch["drop_reason"][i] and prompts[i]]  # no prompt: a transcription row
         # Greedy decoding continues identical prompts identically, so each distinct prompt of the batch
         # is generated once (a sentence spoken by several voices is one prompt); sampling draws per row.
-        slots: dict = {}  # prompt (or row, when sampling) -> its place among the generations
-        row_slot = [slots.setdefault(tuple(prompts[i]) if self.engine.settings.greedy else i, len(slots)) for i in keep]
-        distinct = [list(key) if self.engine.settings.greedy else prompts[key] for key in slots]
-        gens = self.engine.generate_ids(distinct) if distinct else []
+        greedy = self.engine.settings.greedy
+        source = {}  # row -> the first row of the batch with its prompt (when sampling: itself)
+        first: dict = {}  # prompt (when sampling: row) -> the first row that reads it
+        for i in keep:
+            source[i] = first.setdefault(tuple(prompts[i]) if greedy else i, i)
+        generating = list(first.values())
+        gens = dict(zip(generating, self.engine.generate_ids([prompts[i] for i in generating]))) if generating else {}
         texts, tokens, finish, generated = [""] * n, [0] * n, [""] * n, [False] * n
-        seen = set()
-        for i, slot in zip(keep, row_slot):
-            g = gens[slot]
-            texts[i], tokens[i], finish[i], generated[i] = g.text.strip(), len(g.token_ids), g.finish_reason, slot not in seen
-            seen.add(slot)
+        for i in keep:
+            g = gens[source[i]]
+            texts[i], tokens[i], finish[i], generated[i] = g.text.strip(), len(g.token_ids), g.finish_reason, source[i] == i
         return {
             "shard": batch["shard"],
             ROW_ID: batch[ROW_ID],
