@@ -300,6 +300,10 @@ class Stage2Config(TrainConfig):
     # learns where each token is spoken; no LM forward, so a step costs a fraction of a CE step). They come on top of
     # max_steps / epochs, with their own warm-up and decay of the learning rate. 0: off (the paper's).
     alignment_steps: int = Field(0, ge=0)
+    # The objective's peak learning rate after the alignment warm-up (None: lr, the warm-up's). The
+    # warm-up trains the adapter from its initialisation; the CE that follows refines it, and at the
+    # warm-up's rate it undoes part of what the warm-up learnt.
+    objective_lr: float | None = Field(None, gt=0)
     # Score against the batch's spoken tokens plus this many random ones (a sampled
     # softmax, several times faster on a 49k vocabulary); None: the whole embedding table.
     alignment_negatives: int | None = Field(None, ge=1)
@@ -307,6 +311,13 @@ class Stage2Config(TrainConfig):
     # (needs no warm-up). It keeps the adapter's output tied to the words spoken, against the pull of
     # the continuations' few generic openings; 0: off.
     alignment_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _objective_lr(self) -> Stage2Config:
+        if self.objective_lr is not None and not self.alignment_steps:
+            raise ValueError("objective_lr is the objective's rate after an alignment warm-up; with alignment_steps 0 "
+                             "there is one phase and lr is its rate")
+        return self
 
 
 class EngineConfig(_Section):

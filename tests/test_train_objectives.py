@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from blsp_ray.config import Stage2Config, load_config
 from blsp_ray.io.storage import read_jsonl
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import continuation_forward, ctc_alignment, response_kl, stage2_objective
 from blsp_ray.model.modeling import build_blsp_from_parts
 from blsp_ray.model.processing import IGNORE, BlspProcessor
-from blsp_ray.stages.stage2 import prepare_stage2, truncate_target
+from blsp_ray.stages.stage2 import Stage2Task, prepare_stage2, truncate_target
 from blsp_ray.train.deepspeed_config import WarmupDecay
 
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
@@ -149,6 +151,19 @@ def test_learning_rate_restarts_its_warm_up_and_decay_at_each_phase():
     assert [round(one(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     two = WarmupDecay([0, 4], total_steps=10, warmup=2)  # alignment warm-up of 4 steps, then 6
     assert [round(two(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    scaled = WarmupDecay([0, 4], total_steps=10, warmup=2, phase_scales=[1.0, 0.25])  # objective_lr = lr / 4
+    assert [round(scaled(s), 4) for s in range(10)] == [0.5, 1.0, 1.0, 0.5, 0.125, 0.25, 0.25, 0.1875, 0.125, 0.0625]
+    with pytest.raises(ValueError, match="2 phase scales for 1 phases"):
+        WarmupDecay([0], total_steps=10, warmup=2, phase_scales=[1.0, 0.5])
+
+
+def test_objective_lr_sets_the_second_phase_and_needs_a_warm_up():
+    cfg = load_config("configs/mini.yaml")
+    task = Stage2Task(cfg)
+    assert task.phase_starts == [0, cfg.stage2.alignment_steps]
+    assert task.phase_lr_scales == [1.0, pytest.approx(cfg.stage2.objective_lr / cfg.stage2.lr)]
+    with pytest.raises(ValidationError, match="with alignment_steps 0 there is one phase"):
+        Stage2Config(lr=3e-3, objective_lr=1e-3, alignment_steps=0)
 
 
 def test_continuation_tokens_keeps_the_template_and_the_first_target_tokens(tiny_assets):

@@ -67,6 +67,7 @@ class Stage1Task:
         return self.layout.stage1_model
 
     phase_starts = [0]  # one learning-rate phase
+    phase_lr_scales = [1.0]
     phase_names = ["instruction tuning (CE on the response)"]
 
     def dataset(self) -> ray.data.Dataset:

@@ -143,6 +143,11 @@ class Stage2Task:
         return [0, self.train.alignment_steps] if self.train.alignment_steps else [0]
 
     @property
+    def phase_lr_scales(self) -> list[float]:
+        t = self.train
+        return [1.0, (t.objective_lr or t.lr) / t.lr] if t.alignment_steps else [1.0]
+
+    @property
     def phase_names(self) -> list[str]:
         t = self.train
         objective = {"ce": "CE", "kl": f"KL at T={t.kl_temperature:g}", "ce+kl": f"CE + KL at T={t.kl_temperature:g}"}[t.objective]

@@ -9,28 +9,36 @@ from blsp_ray.config import TrainConfig
 
 class WarmupDecay:
     """LR multiplier at an optimiser step: DeepSpeed's ``WarmupDecayLR`` (linear warm-up over
-    ``warmup`` steps, then linear decay to 0), restarted at each phase start. Stage 2's alignment
-    warm-up and its objective are two phases; everything else is one.
+    ``warmup`` steps, then linear decay to 0), restarted at each phase start and peaking at that
+    phase's scale (``phase_scales``, one per start; default 1). Stage 2's alignment warm-up and its
+    objective are two phases; everything else is one.
 
     A callable object, not a lambda, so the scheduler's state (in DeepSpeed checkpoints) keeps it.
     """
 
-    def __init__(self, phase_starts: list[int], total_steps: int, warmup: int):
-        self.phase_starts, self.total_steps, self.warmup = sorted(set(phase_starts) | {0}), max(total_steps, 1), warmup
+    def __init__(self, phase_starts: list[int], total_steps: int, warmup: int, phase_scales: list[float] | None = None):
+        if phase_starts[0] != 0 or sorted(set(phase_starts)) != list(phase_starts):
+            raise ValueError(f"phase starts {phase_starts}: increasing, the first at step 0")
+        scales = [1.0] * len(phase_starts) if phase_scales is None else list(phase_scales)
+        if len(scales) != len(phase_starts):
+            raise ValueError(f"{len(scales)} phase scales for {len(phase_starts)} phases")
+        self.phase_starts, self.phase_scales = list(phase_starts), scales
+        self.total_steps, self.warmup = max(total_steps, 1), warmup
 
     def __call__(self, step: int) -> float:
-        start = max(p for p in self.phase_starts if p <= step)
-        end = min([p for p in self.phase_starts if p > step] + [self.total_steps])
+        phase = max(i for i, p in enumerate(self.phase_starts) if p <= step)
+        start = self.phase_starts[phase]
+        end = self.phase_starts[phase + 1] if phase + 1 < len(self.phase_starts) else self.total_steps
         k, n = step - start, max(end - start, 1)
         warmup = min(self.warmup, n - 1)
-        if k < warmup:
-            return (k + 1) / warmup
-        return max(n - k, 0) / max(n - warmup, 1)
+        shape = (k + 1) / warmup if k < warmup else max(n - k, 0) / max(n - warmup, 1)
+        return self.phase_scales[phase] * shape
 
 
-def lr_schedule(phase_starts: list[int], total_steps: int, warmup: int):
+def lr_schedule(phase_starts: list[int], total_steps: int, warmup: int, phase_scales: list[float] | None = None):
     """``deepspeed.initialize(lr_scheduler=...)``: the optimiser DeepSpeed builds -> our schedule."""
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(phase_starts, total_steps, warmup))
+    schedule = WarmupDecay(phase_starts, total_steps, warmup, phase_scales)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict:

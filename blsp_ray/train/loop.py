@@ -83,6 +83,10 @@ class Task(Protocol):
         steps come on top of the step budget."""
 
     @property
+    def phase_lr_scales(self) -> list[float]:
+        """Each phase's peak learning rate as a multiple of ``train.lr``, one per phase start."""
+
+    @property
     def phase_names(self) -> list[str]:
         """What is trained in each phase, and with which loss: the legend of ``loss_curve.png``."""
 
@@ -231,7 +235,7 @@ def train_loop_per_worker(loop: dict) -> None:
         model=module,
         model_parameters=trainable,  # frozen weights get no optimiser state
         config=deepspeed_config(train, world),
-        lr_scheduler=lr_schedule(task.phase_starts, total_steps, train.warmup_steps),
+        lr_scheduler=lr_schedule(task.phase_starts, total_steps, train.warmup_steps, task.phase_lr_scales),
     )
 
     # ---- resume ----
