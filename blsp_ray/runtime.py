@@ -75,10 +75,13 @@ class LocalRayCluster:
     def stop(self) -> None:
         """End this cluster's processes (and their children) and remove its files."""
         dirs = [str(self.temp_dir)]
+        # Most of the cluster's processes name its temp dir; Ray's client-server proxy names only the
+        # GCS address (and outlives the head unless ended here).
+        marks = dirs + [f"--address={self.address}", f"--gcs-address={self.address}"]
         roots = []
         for p in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(p.info["cmdline"] or [])
-            if any(d in cmdline for d in dirs):
+            if any(m in cmdline for m in marks) and p.pid != os.getpid():
                 roots.append(p)
         procs = set(roots)
         for p in roots:

@@ -359,6 +359,193 @@ def test_auth_required(app):
     assert requests.get(app["url"] + "/health", timeout=10).status_code == 200  # probes need no token
 
 
+# ---- a generated hostile set, cost per refused request -----------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def replica_pid(app, deployment: str) -> int:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=app["dashboard"], filters=[("state", "=", "ALIVE")])
+    return next(a.pid for a in actors if a.class_name.endswith(f":{deployment}"))
+
+
+class HealthProbe(threading.Thread):
+    """GET /health every 0.1 s while a test runs; ``worst``: the slowest answer (s), ``failed``: non-200s."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.stop, self.worst, self.failed, self.probes = url, threading.Event(), 0.0, [], 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.time()
+            try:
+                status = requests.get(self.url + "/health", timeout=5).status_code
+            except requests.RequestException as err:
+                status = type(err).__name__
+            self.worst, self.probes = max(self.worst, time.time() - t0), self.probes + 1
+            if status != 200:
+                self.failed.append(status)
+            time.sleep(0.1)
+
+
+def hostile_requests():
+    """Request bodies over the chat schema: every field right, wrong-typed, missing or extra, any JSON
+    value where an object is expected, audio that is valid, tiny, stereo, truncated, random or not base64."""
+    from hypothesis import strategies as st
+
+    any_json = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=8,
+    )
+    clips = [GOOD_AUDIO, wav_bytes(0.005), wav_bytes(0.3, rate=8000, channels=2), GOOD_AUDIO[:300], wav_bytes(0.4, fmt="FLAC")]
+    audio_data = st.sampled_from([b64(c) for c in clips]) | st.binary(max_size=300).map(b64) | st.text(max_size=40)
+    audio = st.fixed_dictionaries({"type": st.just("input_audio"), "input_audio": st.fixed_dictionaries(
+        {"data": audio_data, "format": st.sampled_from(["wav", "flac", "mp3", "ogg", "", "WAV"]) | any_json})})
+    text = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=120) | any_json})
+    part = audio | text | any_json
+    role = st.sampled_from(["user", "assistant", "system", "developer", "tool", "function", ""]) | any_json
+    message = st.fixed_dictionaries({"role": role, "content": st.text(max_size=120) | st.lists(part, max_size=3) | any_json})
+    number = st.integers(-3, 40) | st.floats(-2, 3) | any_json
+    hostile = st.fixed_dictionaries(
+        {"messages": st.lists(message, min_size=0, max_size=3) | any_json},
+        optional={"model": st.sampled_from(["blsp", "gpt-4o"]) | any_json, "max_tokens": number, "temperature": number,
+                  "top_p": number, "seed": st.integers() | any_json, "stream": st.booleans() | any_json,
+                  "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=5) | any_json,
+                  "presence_penalty": number, "stream_options": any_json, "n": number, "user": any_json},
+    )
+    # Well-formed requests with odd values (any text, any audio of the set above, edge sampling values),
+    # so the engine path is fuzzed too, not only validation.
+    good_part = text | st.fixed_dictionaries({"type": st.just("input_audio"), "input_audio": st.fixed_dictionaries(
+        {"data": st.sampled_from([b64(c) for c in clips]), "format": st.sampled_from(["wav", "flac"])})})
+    turn = st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=200) | st.lists(good_part, min_size=1, max_size=2)})
+    well_formed = st.fixed_dictionaries(
+        {"messages": st.lists(turn, min_size=1, max_size=2)},
+        optional={"max_tokens": st.integers(1, 16), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+                  "seed": st.integers(-(2**63), 2**63 - 1), "stream": st.booleans(),
+                  "stop": st.lists(st.text(min_size=1, max_size=4), max_size=4)},
+    )
+    return hostile | well_formed
+
+
+def test_generated_hostile_set_gets_no_5xx_and_health_stays_fast(app):
+    """300 generated request bodies plus 60 raw byte strings, one at a time: each answer is a 200 or a
+    4xx whose error names a code and a reason; /health, probed throughout, answers every time within 1 s."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    seen: dict[int, int] = {}
+
+    def check(resp: requests.Response, sent) -> None:
+        seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+        assert resp.status_code < 500, f"{resp.status_code} for {str(sent)[:300]}: {resp.text[:300]}"
+        if resp.status_code >= 400:
+            err = resp.json()["error"]
+            assert err["code"] and err["message"], resp.text
+        elif resp.headers["content-type"].startswith("text/event-stream"):
+            assert resp.text.rstrip().endswith("data: [DONE]") and '"error"' not in resp.text, resp.text[-300:]
+        else:
+            assert isinstance(resp.json()["choices"][0]["message"]["content"], str)
+
+    fuzz = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+    @fuzz
+    @given(hostile_requests())
+    def bodies(body):
+        check(post(app, body), body)
+
+    @settings(fuzz, max_examples=60)
+    @given(st.binary(max_size=400))
+    def raw_bytes(raw):
+        check(post(app, None, raw=raw), raw)
+
+    probe = HealthProbe(app["url"])
+    probe.start()
+    try:
+        bodies()
+        raw_bytes()
+    finally:
+        probe.stop.set()
+        probe.join()
+    print(f"\nhostile set: statuses {dict(sorted(seen.items()))}; /health {probe.probes} probes, slowest {probe.worst:.3f}s")
+    assert probe.failed == [] and probe.probes > 10
+    assert probe.worst < 1.0
+    assert seen.get(200, 0) > 0 and sum(v for k, v in seen.items() if k >= 400) > 0  # both kinds were generated
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), bytes."""
+    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_costly_bodies_are_refused_fast_with_bounded_memory(app):
+    """Text just under the body limit and a FLAC bomb (600 MB decoded) are refused in under 1 s, and
+    neither raises the ingress's or the engine's peak memory by 100 MB."""
+    bomb = io.BytesIO()
+    sf.write(bomb, np.zeros((655_350 * 29, 8), np.int16), 655_350, format="FLAC", subtype="PCM_16")
+    long_text = "many words " * ((app["cfg"].serve.max_body_bytes - 200) // 11)
+    cases = {
+        "long_text": ({"messages": [user(long_text)]}, "text_too_long"),
+        "flac_bomb": ({"messages": [{"role": "user", "content": [audio_part(bomb.getvalue(), "flac")]}]}, "bad_sample_rate"),
+    }
+    pids = {name: replica_pid(app, name) for name in ("ChatIngress", "BlspEngine")}
+    for case, (body, code) in cases.items():
+        before = {name: peak_rss(pid) for name, pid in pids.items()}
+        t0 = time.time()
+        resp = post(app, body)
+        took = time.time() - t0
+        growth = {name: (peak_rss(pid) - before[name]) / 2**20 for name, pid in pids.items()}
+        print(f"\n{case}: {resp.status_code} in {took:.2f}s, peak memory growth (MiB) {growth}")
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == code, resp.text
+        assert took < 1.0
+        assert all(g < 100 for g in growth.values()), growth
+
+
+def test_a_failed_start_leaves_no_process_behind(ray_cluster, checkpoint, tiny_assets, tmp_path):
+    """``python -m serve`` with its token variable unset exits with the reason, and the local Ray it
+    started (head, dashboard, client server, workers) ends with it."""
+    import sys
+
+    import psutil
+    import yaml
+
+    from blsp_ray.runtime import free_port
+
+    unset = "BLSP_TOKEN_NOT_SET_4C1E"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"lm_path": str(tiny_assets / "lm"), "whisper_path": str(tiny_assets / "whisper")},
+        "serve": {"checkpoint": str(checkpoint), "engine": "transformers", "cpus_per_replica": 0.5,
+                  "auth_token_env": unset, "port": free_port()},
+    }))
+    session = str(ray_cluster.temp_dir)
+
+    def ray_processes() -> dict[int, str]:
+        found = {}
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if "ray" in cmdline and session not in cmdline and p.pid != os.getpid():
+                found[p.pid] = cmdline
+        return found
+
+    before = ray_processes()
+    env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")}
+    run = subprocess.run([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert unset in run.stdout + run.stderr, (run.stdout + run.stderr)[-2000:]
+    deadline = time.time() + 15
+    while (left := {pid: c for pid, c in ray_processes().items() if pid not in before}) and time.time() < deadline:
+        time.sleep(1)
+    assert left == {}, [c[:200] for c in left.values()]
+
+
 # ---- load, autoscaling, replica failure ------------------------------------------------------
 
 
