@@ -16,6 +16,7 @@ Deploy from our config (``python -m serve --config configs/tiny.yaml``) or from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.util.metrics import Counter
 
 from blsp_ray.config import BlspRayConfig, S3Config, ServeConfig, load_config
 from blsp_ray.engines import AsyncVllmEngine
@@ -67,7 +69,20 @@ class BlspEngine:
         self.max_context = self.speech_lm.max_context
         self.lock = asyncio.Lock()  # transformers: one generation at a time
         self.embed_lock = threading.Lock()  # speech encoding: one at a time, so threads don't fight over cores
+        # Requests by how they ended, on the Ray dashboard / Prometheus as ray_blsp_engine_requests_total.
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.outcome_metric = Counter("blsp_engine_requests", tag_keys=("outcome",), description=(
+            "Engine requests by outcome: completed, refused (a 4xx, e.g. the prompt exceeds the context), failed "
+            "(a 5xx), cancelled (the caller left mid-reply), dropped (the caller left before the request was started)"))
         log.info("BlspEngine ready (%s): %s (pid %d)", self.cfg.engine, checkpoint, os.getpid())
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.outcome_metric.inc(tags={"outcome": outcome})
+
+    async def outcome_counts(self) -> dict[str, int]:
+        """This replica's requests by outcome since it started (``_count``)."""
+        return dict(self.outcomes)
 
     def _embed(self, req: ChatRequest):
         with self.embed_lock:
@@ -79,13 +94,26 @@ class BlspEngine:
         return ("error", (400, f"prompt of {prompt_len} positions + max_tokens {req.sampling.max_new_tokens} exceeds the model's context of {self.max_context}", "context_length_exceeded"))
 
     async def generate(self, req: ChatRequest) -> AsyncIterator[tuple]:
-        """Events: ("delta", text)..., then ("done", usage) or ("error", (status, message, code))."""
+        """Events: ("started", None), ("delta", text)..., then ("done", usage) or ("error", (status, message, code)).
+        "started" is internal (counted here, not passed on): work begins only once it is emitted."""
         streams_async = isinstance(self.speech_lm.engine, AsyncVllmEngine)
         events = self._generate_vllm(req) if streams_async else self._generate_transformers(req)
-        async for event in events:
-            yield event
+        outcome = "dropped"
+        try:
+            async for event in events:
+                if event[0] == "started":
+                    outcome = "cancelled"  # until it ends one of the ways below
+                    continue
+                if event[0] == "done":
+                    outcome = "completed"
+                elif event[0] == "error":
+                    outcome = "refused" if event[1][0] < 500 else "failed"
+                yield event
+        finally:
+            self._count(outcome)
 
     async def _generate_vllm(self, req: ChatRequest) -> AsyncIterator[tuple]:
+        yield ("started", None)
         embeds = await asyncio.to_thread(self._embed, req)
         if too_long := self._too_long(embeds.shape[0], req):
             yield too_long
@@ -126,6 +154,7 @@ class BlspEngine:
                 emit(("error", (500, f"generation failed: {type(err).__name__}: {err}", "internal_error")))
 
         async with self.lock:
+            yield ("started", None)  # a caller that left while waiting for the lock never gets here
             worker = loop.run_in_executor(None, work)
             try:
                 while True:

@@ -351,6 +351,44 @@ def test_overload_gets_503_with_retry_after(app):
         serve.delete("overload")
 
 
+def test_no_request_is_served_after_its_client_gave_up(app):
+    """One engine replica taking one request at a time with 16 queued; a client that gives up on its
+    request while it waits: the engine never runs it (its replica counts 16 completed and nothing else)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = app["cfg"].model_copy(deep=True)
+    cfg.serve = cfg.serve.model_copy(update={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1,
+                                             "max_queued_requests": 32})
+    serve.run(build_app(cfg), name="gaveup", route_prefix="/gaveup")
+    try:
+        engine = serve.get_deployment_handle("BlspEngine", app_name="gaveup")
+        url = app["url"] + "/gaveup/v1/chat/completions"
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+        body = json.dumps({"messages": [user("hi", wav_bytes(4.0))], "max_tokens": 32, "temperature": 0})
+        assert requests.post(url, data=body, headers=headers, timeout=60).status_code == 200  # the replica is up
+        before = engine.outcome_counts.remote().result()
+        t0 = time.time()
+        with ThreadPoolExecutor(16) as pool:
+            busy = [pool.submit(requests.post, url, data=body, headers=headers, timeout=120) for _ in range(16)]
+            time.sleep(0.3)
+            with pytest.raises(requests.Timeout):  # queued behind the 16: the client leaves after 0.3 s
+                requests.post(url, data=body, headers=headers, timeout=0.3)
+            gave_up_at = time.time() - t0
+            statuses = [f.result().status_code for f in busy]
+        busy_for = time.time() - t0
+        time.sleep(2)  # a request started late would have finished by now
+        after = engine.outcome_counts.remote().result()
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        print(f"\ngave up at {gave_up_at:.2f}s of {busy_for:.2f}s of queued work; engine outcomes {delta}")
+        assert statuses == [200] * 16
+        assert busy_for > gave_up_at + 0.5  # it really waited behind the queue when it gave up
+        assert delta.get("completed") == 16 and sum(delta.values()) - delta.get("dropped", 0) == 16, delta
+    finally:
+        serve.delete("gaveup")
+
+
 def test_auth_required(app):
     for token in (None, "wrong-token"):
         resp = post(app, {"messages": [user("hi")]}, token=token)
