@@ -76,12 +76,13 @@ class LocalRayCluster:
         """End this cluster's processes (and their children) and remove its files."""
         dirs = [str(self.temp_dir)]
         # Most of the cluster's processes name its temp dir; Ray's client-server proxy names only the
-        # GCS address (and outlives the head unless ended here).
-        marks = dirs + [f"--address={self.address}", f"--gcs-address={self.address}"]
+        # GCS address (and outlives the head unless ended here). Whole arguments, so port 6379 is not 63790.
+        address_args = {f"--address={self.address}", f"--gcs-address={self.address}"}
         roots = []
         for p in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if any(m in cmdline for m in marks) and p.pid != os.getpid():
+            args = p.info["cmdline"] or []
+            ours = any(d in a for a in args for d in dirs) or any(a in address_args for a in args)
+            if ours and p.pid != os.getpid():
                 roots.append(p)
         procs = set(roots)
         for p in roots:

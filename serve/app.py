@@ -94,8 +94,10 @@ class BlspEngine:
         return ("error", (400, f"prompt of {prompt_len} positions + max_tokens {req.sampling.max_new_tokens} exceeds the model's context of {self.max_context}", "context_length_exceeded"))
 
     async def generate(self, req: ChatRequest) -> AsyncIterator[tuple]:
-        """Events: ("started", None), ("delta", text)..., then ("done", usage) or ("error", (status, message, code)).
-        "started" is internal (counted here, not passed on): work begins only once it is emitted."""
+        """Events: ("delta", text)..., then ("done", usage) or ("error", (status, message, code)).
+
+        The engine paths below first yield ("started", None) when work begins; it is counted here (a
+        request that ends before it was "dropped") and not passed on."""
         streams_async = isinstance(self.speech_lm.engine, AsyncVllmEngine)
         events = self._generate_vllm(req) if streams_async else self._generate_transformers(req)
         outcome = "dropped"
@@ -109,6 +111,9 @@ class BlspEngine:
                 elif event[0] == "error":
                     outcome = "refused" if event[1][0] < 500 else "failed"
                 yield event
+        except Exception:  # not CancelledError / GeneratorExit: those are the caller leaving
+            outcome = "failed"
+            raise
         finally:
             self._count(outcome)
 
