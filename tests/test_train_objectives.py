@@ -160,8 +160,8 @@ def test_learning_rate_restarts_its_warm_up_and_decay_at_each_phase():
 def test_objective_lr_sets_the_second_phase_and_needs_a_warm_up():
     cfg = load_config("configs/mini.yaml")
     task = Stage2Task(cfg)
-    assert task.phase_starts == [0, cfg.stage2.alignment_steps]
-    assert task.phase_lr_scales == [1.0, pytest.approx(cfg.stage2.objective_lr / cfg.stage2.lr)]
+    assert [p.start for p in task.phases] == [0, cfg.stage2.alignment_steps]
+    assert [p.lr_scale for p in task.phases] == [1.0, pytest.approx(cfg.stage2.objective_lr / cfg.stage2.lr)]
     with pytest.raises(ValidationError, match="with alignment_steps 0 there is one phase"):
         Stage2Config(lr=3e-3, objective_lr=1e-3, alignment_steps=0)
 

@@ -21,7 +21,7 @@ from blsp_ray.io.storage import local_copy
 from blsp_ray.model.processing import IGNORE, BlspProcessor, as_ids, load_tokenizer, pad_ids
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.runtime import init_ray
-from blsp_ray.train.loop import TrainResult, full_state_dict, run_training
+from blsp_ray.train.loop import Phase, TrainResult, full_state_dict, run_training
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class Stage1Task:
     def export_target(self) -> str:
         return self.layout.stage1_model
 
-    phase_starts = [0]  # one learning-rate phase
-    phase_lr_scales = [1.0]
-    phase_names = ["instruction tuning (CE on the response)"]
+    phases = [Phase(0, 1.0, "instruction tuning (CE on the response)")]
 
     def dataset(self) -> ray.data.Dataset:
         path = self.layout.stage1_data

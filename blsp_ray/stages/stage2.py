@@ -38,7 +38,7 @@ from blsp_ray.model.processing import (
 )
 from blsp_ray.runtime import init_ray
 from blsp_ray.speech_lm import SpeechLM
-from blsp_ray.train.loop import TrainResult, run_training
+from blsp_ray.train.loop import Phase, TrainResult, run_training
 
 # DeepSpeed is imported inside the worker-side methods only: importing it picks the accelerator,
 # which must happen in the Ray Train worker after train.loop has set DS_ACCELERATOR.
@@ -138,22 +138,14 @@ class Stage2Task:
         return self.train.alignment_steps > 0 or self.train.alignment_weight > 0
 
     @property
-    def phase_starts(self) -> list[int]:
-        """Optimiser steps where a learning-rate phase begins: the objective after the alignment warm-up."""
-        return [0, self.train.alignment_steps] if self.train.alignment_steps else [0]
-
-    @property
-    def phase_lr_scales(self) -> list[float]:
-        t = self.train
-        return [1.0, (t.objective_lr or t.lr) / t.lr] if t.alignment_steps else [1.0]
-
-    @property
-    def phase_names(self) -> list[str]:
+    def phases(self) -> list[Phase]:
+        """The alignment warm-up (when configured), then the objective at ``objective_lr``."""
         t = self.train
         objective = {"ce": "CE", "kl": f"KL at T={t.kl_temperature:g}", "ce+kl": f"CE + KL at T={t.kl_temperature:g}"}[t.objective]
         objective += f" + {t.alignment_weight:g} × CTC alignment" if t.alignment_weight else ""
-        names = [f"adapter: {objective}"]
-        return ["adapter warm-up: CTC alignment"] + names if t.alignment_steps else names
+        warm_up = [Phase(0, 1.0, "adapter warm-up: CTC alignment")] if t.alignment_steps else []
+        # Without a warm-up objective_lr is unset (the config refuses it), so the scale is 1.
+        return warm_up + [Phase(t.alignment_steps, (t.objective_lr or t.lr) / t.lr, f"adapter: {objective}")]
 
     def dataset(self) -> ray.data.Dataset:
         columns = ["waveform", "task", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])

@@ -55,6 +55,15 @@ LOSS_CURVE = "loss_curve.png"
 BUCKET_POOL = 16  # micro-batches pooled for length bucketing
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with its own learning-rate warm-up and decay (``WarmupDecay``)."""
+
+    start: int  # the optimiser step it begins at; the last phase's steps come on top of the step budget
+    lr_scale: float  # its peak learning rate as a multiple of ``train.lr``
+    name: str  # what is trained, with which loss: its legend in ``loss_curve.png``
+
+
 @runtime_checkable
 class Task(Protocol):
     """What the loop needs from a stage (``Stage1Task``, ``Stage2Task``).
@@ -78,17 +87,8 @@ class Task(Protocol):
         """Where the final export is published (a path or ``s3://`` URI)."""
 
     @property
-    def phase_starts(self) -> list[int]:
-        """Optimiser steps where a learning-rate phase begins (``[0]``: one phase); the last one's
-        steps come on top of the step budget."""
-
-    @property
-    def phase_lr_scales(self) -> list[float]:
-        """Each phase's peak learning rate as a multiple of ``train.lr``, one per phase start."""
-
-    @property
-    def phase_names(self) -> list[str]:
-        """What is trained in each phase, and with which loss: the legend of ``loss_curve.png``."""
+    def phases(self) -> list[Phase]:
+        """The training phases in order, the first at step 0 (one phase for most stages)."""
 
     # -- driver side --
 
@@ -153,15 +153,15 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def _plot_loss(history: list[dict], path: Path, title: str, phase_starts: list[int], phase_names: list[str]) -> None:
+def _plot_loss(history: list[dict], path: Path, title: str, phases: list[Phase]) -> None:
     """Training loss over steps, one line per phase (their losses differ, so no line joins them),
     the phase boundaries marked; beside it the held-out metrics, when the task reported any."""
     heldout = sorted({k for h in history for k in h if k.startswith("heldout_")})
     fig = Figure(figsize=(11 if heldout else 6, 4))  # no pyplot: no global backend or figure registry
     axes = fig.subplots(1, 2 if heldout else 1, squeeze=False)
     ax = axes[0][0]
-    bounds = list(phase_starts) + [float("inf")]
-    for start, end, name in zip(bounds, bounds[1:], phase_names):
+    bounds = [p.start for p in phases] + [float("inf")]
+    for start, end, name in zip(bounds, bounds[1:], [p.name for p in phases]):
         points = [(h["step"], h["loss"]) for h in history if start < h["step"] <= end]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
@@ -235,7 +235,7 @@ def train_loop_per_worker(loop: dict) -> None:
         model=module,
         model_parameters=trainable,  # frozen weights get no optimiser state
         config=deepspeed_config(train, world),
-        lr_scheduler=lr_schedule(task.phase_starts, total_steps, train.warmup_steps, task.phase_lr_scales),
+        lr_scheduler=lr_schedule([p.start for p in task.phases], total_steps, train.warmup_steps, [p.lr_scale for p in task.phases]),
     )
 
     # ---- resume ----
@@ -339,7 +339,7 @@ def train_loop_per_worker(loop: dict) -> None:
                                   "world_size": world, "history": history, "metrics": metrics}
                     (tmp / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
                     if last:
-                        _plot_loss(history, tmp / EXPORT_DIR / LOSS_CURVE, f"{task.name} training loss", task.phase_starts, task.phase_names)
+                        _plot_loss(history, tmp / EXPORT_DIR / LOSS_CURVE, f"{task.name} training loss", task.phases)
                         (tmp / EXPORT_DIR / "train_metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                                  checkpoint_dir_name=f"checkpoint_{step:07d}")
@@ -419,7 +419,7 @@ def run_training(cfg: BlspRayConfig, task_cls: type[Task], inject_failure: dict 
         total_steps, max_epochs = train.max_steps, 10**9  # cycle the data until the step budget is spent
     else:
         total_steps, max_epochs = steps_per_epoch * train.epochs, train.epochs
-    extra = task.phase_starts[-1]  # stage 2's alignment warm-up comes on top of the objective's steps
+    extra = task.phases[-1].start  # stage 2's alignment warm-up comes on top of the objective's steps
     total_steps, max_epochs = total_steps + extra, max_epochs + -(-extra // steps_per_epoch)
     log.info("%s: %d rows, %d workers, %d steps/epoch, %d steps", stage, rows, max_workers, steps_per_epoch, total_steps)
 
