@@ -88,9 +88,11 @@ def main() -> None:
     cluster = start_local_cluster(num_cpus=2)
     try:
         ray.init(address=cluster.address)
+        # Every row is continued, as bare vLLM continues every prompt: a config's transcription share
+        # would leave those rows unlabelled (stage 2 learns them from their transcripts).
         cfg = BlspRayConfig.model_validate({**base.model_dump(), "cluster": {"storage_root": str(work / "runs"), "run_id": "bench"},
-                                            "label": {**label.model_dump(), "engine": "vllm", "manifests": [str(manifest)],
-                                                      "rows_per_shard": 32}})
+                                            "label": {**label.model_dump(), "engine": "vllm", "manifests": [str(manifest)]},
+                                            "stage2": {**base.stage2.model_dump(), "transcription_share": 0.0}})
         t = time.time()
         summary = run_label(cfg)
         el = time.time() - t

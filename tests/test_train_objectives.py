@@ -11,7 +11,7 @@ from blsp_ray.config import Stage2Config, load_config
 from blsp_ray.io.storage import read_jsonl
 from blsp_ray.model.audio import load_audio
 from blsp_ray.model.losses import continuation_forward, ctc_alignment, response_kl, stage2_objective
-from blsp_ray.model.modeling import build_blsp_from_parts
+from blsp_ray.model.modeling import bf16_is_native, build_blsp_from_parts, frozen_dtype
 from blsp_ray.model.processing import IGNORE, BlspProcessor
 from blsp_ray.stages.stage2 import Stage2Task, prepare_stage2, truncate_target
 from blsp_ray.train.deepspeed_config import WarmupDecay
@@ -107,6 +107,40 @@ def test_continuation_forward_reuses_each_prefix_and_gives_the_whole_sequences_l
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+
+
+def test_a_bfloat16_frozen_lm_gives_the_float32_loss_and_adapter_gradients_within_tolerance(tiny_assets, setup):
+    """stage2.frozen_lm_dtype: the LM held in bfloat16, the adapter in float32. On the same batch the CE
+    and the adapter's gradients are those of the float32 LM to bfloat16's precision (8 mantissa bits)."""
+    _, batch = setup
+
+    def loss_and_grads(lm_dtype):
+        torch.manual_seed(0)
+        model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32)
+        model.freeze_backbones()
+        model.llama_model.to(lm_dtype)
+        embeds, lengths = model.speech_embeddings(batch["speech"])
+        loss = stage2_objective(model, batch, embeds, lengths)["loss"]
+        loss.backward()
+        assert all(p.dtype == torch.float32 for p in model.speech_adapter.parameters())
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.speech_adapter.parameters()])
+
+    loss32, grad32 = loss_and_grads(torch.float32)
+    loss16, grad16 = loss_and_grads(torch.bfloat16)
+    assert abs(loss16 - loss32) / loss32 < 5e-3, (loss16, loss32)
+    assert float(torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)) > 0.99
+    assert float(grad16.norm() / grad32.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_frozen_dtype_follows_the_setting_and_the_hardware():
+    assert frozen_dtype(None, torch.float32) == torch.float32
+    assert frozen_dtype(None, torch.bfloat16) == torch.bfloat16  # precision: bf16
+    assert frozen_dtype("bfloat16", torch.float32) == torch.bfloat16
+    assert frozen_dtype("float32", torch.bfloat16) == torch.float32
+    assert frozen_dtype("auto", torch.float32, "cpu") == (torch.bfloat16 if bf16_is_native("cpu") else torch.float32)
+    assert Stage2Config(frozen_lm_dtype="auto").frozen_lm_dtype == "auto"
+    with pytest.raises(ValidationError):
+        Stage2Config(frozen_lm_dtype="float16")
 
 
 def test_response_kl_matches_definition():

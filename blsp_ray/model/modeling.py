@@ -485,6 +485,32 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def bf16_is_native(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a CUDA GPU with bf16, or a CPU with
+    AVX-512 BF16 or AMX (Linux's CPU flags). Elsewhere bfloat16 matmuls are emulated through
+    float32 and run several times slower than float32 itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def frozen_dtype(setting: str | None, trained: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a frozen module's weights are held and run in: ``setting`` (``float32``,
+    ``bfloat16``), ``auto`` (bfloat16 where ``bf16_is_native(device)``, else ``trained``), or None
+    (``trained``, the dtype the trainable part runs at)."""
+    if setting is None or (setting == "auto" and not bf16_is_native(device)):
+        return trained
+    return torch.bfloat16 if setting == "auto" else getattr(torch, setting)
+
+
 def load_whisper_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
     """The encoder of any Whisper checkpoint: WhisperForConditionalGeneration, WhisperModel or encoder-only."""
     path = Path(path)

@@ -114,13 +114,15 @@ def read_shard(item: dict, lm_path: str, instruction: str, max_prompt_tokens: in
 
 
 class ContinuationLabeller:
-    """A Ray Data actor owning one engine replica; labels the kept rows of each batch."""
+    """A Ray Data actor owning one engine replica; labels the kept rows of each batch. ``__call__`` is
+    a coroutine, so Ray Data keeps ``label.calls_in_flight`` calls on the replica at once and the
+    engine batches their prompts together (``TextEngine.generate_ids_async``)."""
 
     def __init__(self, cfg: LabelConfig, lm_path: str, dtype: str = "float32", s3: S3Config | None = None):
         # lm_path may be s3://: each replica's node gets its own local copy (a joining node too).
         self.engine: TextEngine = build_engine(cfg, local_copy(lm_path, s3), GenerationSettings.from_config(cfg), dtype=dtype)
 
-    def __call__(self, batch: dict) -> dict:
+    async def __call__(self, batch: dict) -> dict:
         n = len(batch["shard"])
         prompts = [json.loads(p) for p in batch["prompt_json"]]
         keep = [i for i in range(n) if not batch["drop_reason"][i] and prompts[i]]  # no prompt: a transcription row
@@ -132,7 +134,7 @@ class ContinuationLabeller:
         for i in keep:
             source[i] = first.setdefault(tuple(prompts[i]) if greedy else i, i)
         generating = list(first.values())
-        gens = dict(zip(generating, self.engine.generate_ids([prompts[i] for i in generating]))) if generating else {}
+        gens = dict(zip(generating, await self.engine.generate_ids_async([prompts[i] for i in generating])))
         texts, tokens, finish, generated = [""] * n, [0] * n, [""] * n, [False] * n
         for i in keep:
             g = gens[source[i]]
@@ -266,7 +268,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
             ContinuationLabeller,
             fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),
             batch_size=lc.batch_size,
-            compute=engine_pool(lc),
+            compute=engine_pool(lc, lc.calls_in_flight),
             num_cpus=lc.cpus_per_replica,
             num_gpus=lc.gpus_per_replica,
             resources=dict(lc.resources_per_replica) or None,

@@ -25,7 +25,14 @@ from blsp_ray.heldout import HeldoutSet, labelling_settings
 from blsp_ray.io.layout import RunLayout
 from blsp_ray.io.storage import exists, is_s3, local_copy, read_jsonl
 from blsp_ray.model.losses import ctc_alignment, stage2_objective
-from blsp_ray.model.modeling import SpeechAdapter, build_blsp, load_whisper_encoder, subsampling_factor, whisper_encode
+from blsp_ray.model.modeling import (
+    SpeechAdapter,
+    build_blsp,
+    frozen_dtype,
+    load_whisper_encoder,
+    subsampling_factor,
+    whisper_encode,
+)
 from blsp_ray.model.processing import (
     HOP_LENGTH,
     IGNORE,
@@ -182,11 +189,12 @@ class Stage2Task:
         settings = self.cfg.model.model_copy(update={"lm_path": local_copy(self.lm_path, self.cfg.cluster.s3)})
         self.blsp = build_blsp(settings)
         self.blsp.freeze_backbones()
+        device = get_accelerator().current_device_name()
         self.blsp.whisper_model.to(dtype)
-        self.blsp.llama_model.to(dtype)
+        self.blsp.llama_model.to(frozen_dtype(self.train.frozen_lm_dtype, dtype, device))
         # DeepSpeed moves only the module it is given (the adapter); the frozen encoder and LM the
         # loss runs through go to the same device here.
-        self.blsp.to(get_accelerator().current_device_name())
+        self.blsp.to(device)
         self.processor = _processor(self.lm_path, self.cfg.model.whisper_path, self.cfg.model.pad_audio_to_30s,
                                     self.cfg.model.prompt_format)
         return self.blsp.speech_adapter
