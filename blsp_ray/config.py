@@ -377,8 +377,8 @@ class LabelConfig(BatchEngineConfig):
     manifests: list[LocalOrS3Path] | None = None  # ASR manifests to label; None: the run's prepared manifests
     rows_per_shard: int = Field(256, ge=1)  # output shard = this many consecutive manifest lines
     log_every_s: float = Field(10.0, gt=0)
-    # Ray Data calls (of batch_size rows) one replica works on at once. With vLLM their prompts share
-    # the engine's running batch, so it keeps decoding a full batch across the calls' boundaries.
+    # Ray Data calls (of batch_size rows) one vLLM replica works on at once: their prompts share the
+    # engine's running batch, so it keeps decoding a full batch across the calls' boundaries.
     calls_in_flight: int = Field(2, ge=1)
 
 

@@ -268,7 +268,8 @@ def run_label(cfg: BlspRayConfig) -> dict:
             ContinuationLabeller,
             fn_constructor_kwargs=dict(cfg=lc, lm_path=model_path, dtype=lc.engine_dtype(cfg.model), s3=s3),
             batch_size=lc.batch_size,
-            compute=engine_pool(lc, lc.calls_in_flight),
+            # Only vLLM batches calls together; the transformers engine runs them one at a time anyway.
+            compute=engine_pool(lc, lc.calls_in_flight if lc.engine == "vllm" else None),
             num_cpus=lc.cpus_per_replica,
             num_gpus=lc.gpus_per_replica,
             resources=dict(lc.resources_per_replica) or None,
