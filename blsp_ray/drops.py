@@ -43,3 +43,9 @@ class RowDropped(ValueError):
         self.reason = DropReason(reason)  # an unknown reason fails here, not as a stray key in a summary
         self.detail = detail
         super().__init__(f"{self.reason}: {detail}")
+
+    def __reduce__(self):
+        # Rebuilt from (reason, detail), not from the message: Ray ships a worker's exception to the
+        # driver by pickling it, and an exception whose __init__ needs two arguments otherwise
+        # arrives as "TypeError: __init__() missing 1 required positional argument" instead of itself.
+        return type(self), (self.reason, self.detail)

@@ -169,6 +169,16 @@ def test_one_drop_type():
         RowDropped("bad-row", "x")
 
 
+def test_a_drop_crosses_processes_as_itself():
+    """Ray pickles a worker's exception to its caller: the error must arrive with its reason and detail."""
+    import pickle
+
+    for err in (AudioError("missing_file", "data/x.wav"), RowDropped(DropReason.NO_TARGET, "no `continuation`")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and back.reason is err.reason and back.detail == err.detail
+        assert str(back) == str(err)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_honour_the_umask(tmp_path, umask):
     """Atomic writes (temp + rename) give what a plain open()/mkdir would: readable by the group and
