@@ -92,6 +92,7 @@ class TextEngine(ABC):
     def __init__(self, tokenizer, settings: GenerationSettings):
         self.tokenizer = tokenizer
         self.settings = settings
+        self._one_at_a_time = threading.Lock()  # generate_ids_async's calls
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -103,8 +104,6 @@ class TextEngine(ABC):
     async def generate_ids_async(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
         """``generate_ids`` for a caller that has other batches in flight: awaitable, one call at a
         time on a worker thread (vLLM overrides it to batch every call in flight together)."""
-        if not hasattr(self, "_one_at_a_time"):
-            self._one_at_a_time = threading.Lock()
 
         def run() -> list[Generation]:
             with self._one_at_a_time:
@@ -183,15 +182,21 @@ class VllmEngine(TextEngine):
         super().__init__(self.llm.get_tokenizer(), settings or GenerationSettings.from_config(cfg))
         self.params = vllm_sampling_params(self.settings)
         self.max_context = cfg.vllm_max_model_len
+        # generate_ids_async's queue to its stepping thread (both made at its first call; None again
+        # after an engine error, so the next call starts afresh)
+        self._requests: queue.SimpleQueue | None = None
+
+    def _generation(self, output) -> Generation:
+        """A finished vLLM ``RequestOutput`` -> Generation. Text decoded here as in TransformersEngine:
+        vLLM's own detokenizer holds back a trailing incomplete UTF-8 sequence that tokenizer.decode
+        renders as U+FFFD, so texts would differ."""
+        piece = output.outputs[0]
+        return Generation(self._decode(list(piece.token_ids)), list(piece.token_ids), piece.finish_reason)
 
     def _run(self, inputs: list[dict]) -> list[Generation]:
         if not inputs:
             return []
-        outputs = self.llm.generate(inputs, self.params, use_tqdm=False)
-        # Text decoded here as in TransformersEngine: vLLM's own detokenizer holds back a trailing
-        # incomplete UTF-8 sequence that tokenizer.decode renders as U+FFFD, so texts would differ.
-        return [Generation(self._decode(list(o.outputs[0].token_ids)), list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
-                for o in outputs]
+        return [self._generation(o) for o in self.llm.generate(inputs, self.params, use_tqdm=False)]
 
     def generate_ids(self, prompts):
         return self._run([{"prompt_token_ids": list(map(int, p))} for p in prompts])
@@ -204,16 +209,14 @@ class VllmEngine(TextEngine):
         at the same time."""
         if not prompts:
             return []
-        if getattr(self, "_requests", None) is None:
-            self._requests: queue.SimpleQueue = queue.SimpleQueue()  # (request id, token ids, future, its loop)
+        if self._requests is None:
+            self._requests = queue.SimpleQueue()  # (request id, token ids, future, its loop)
             threading.Thread(target=self._step_requests, name="vllm-stepper", daemon=True).start()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in prompts]
         for ids, future in zip(prompts, futures):
             self._requests.put((uuid.uuid4().hex, [int(t) for t in ids], future, loop))
-        outputs = await asyncio.gather(*futures)
-        return [Generation(self._decode(list(o.outputs[0].token_ids)), list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
-                for o in outputs]
+        return [self._generation(o) for o in await asyncio.gather(*futures)]
 
     def _step_requests(self) -> None:
         """The stepping thread: take new requests (waiting for one when the engine is idle), step, and
@@ -226,21 +229,18 @@ class VllmEngine(TextEngine):
                 future.set_exception(error) if error is not None else future.set_result(result)
 
         while True:
-            try:
-                item = self._requests.get(block=not waiting)
-            except queue.Empty:
-                item = None
-            while item is not None:
-                request_id, ids, future, loop = item
+            block = not waiting  # an idle engine waits for a request; a busy one takes what has come
+            while True:
+                try:
+                    request_id, ids, future, loop = self._requests.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
                 try:
                     engine.add_request(request_id, {"prompt_token_ids": ids}, self.params)
                     waiting[request_id] = (future, loop)
                 except Exception as err:  # noqa: BLE001 - this prompt is refused (e.g. too long); the others go on
                     loop.call_soon_threadsafe(settle, future, None, err)
-                try:
-                    item = self._requests.get_nowait()
-                except queue.Empty:
-                    item = None
             if not waiting:
                 continue
             try:
