@@ -6,6 +6,7 @@ running cluster, and a loopback-only Ray head of your own.
     blsp-ray local-cluster start --port 6390 --dashboard-port 8265  # a head on 127.0.0.1 only
     blsp-ray submit label --address http://127.0.0.1:8265 --config configs/tiny.yaml --wait
     blsp-ray local-cluster stop --port 6390                        # that head's processes, nothing else
+    blsp-ray export-vllm runs/tiny/stage2/model exports/tiny       # a checkpoint `vllm serve` loads
 
 ``run`` and ``stage`` are ``python -m jobs.pipeline`` / ``python -m jobs.<stage>``. ``submit`` uses
 Ray's job SDK: the entry point is this environment's python (not whatever ``python`` the head's
@@ -27,6 +28,7 @@ from pathlib import Path
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from blsp_ray.config import load_config
+from blsp_ray.model.export import export_for_vllm
 from blsp_ray.runtime import LocalRayCluster, follow_job, job_env, start_local_cluster, submit_stage
 
 STAGES_DIR = Path(__file__).resolve().parent / "stages"
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     lc.add_argument("--port", type=int, default=6390, help="GCS port (what `ray start --address` takes)")
     lc.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job API")
     lc.add_argument("--num-cpus", type=int, default=None)
+    ex = sub.add_parser("export-vllm", help="a BLSP checkpoint as a directory vLLM serves natively (vllm serve DIR)")
+    ex.add_argument("checkpoint", help="adapter-only, full, or the original release's layout")
+    ex.add_argument("out_dir")
+    ex.add_argument("--pad-audio-to-30s", action=argparse.BooleanOptionalAction, default=None,
+                    help="override what the checkpoint records (the original release's: padded)")
     args, rest = p.parse_known_args(argv)
     if args.command == "run":
         run_stage("pipeline", rest)
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         run_stage(args.stage, rest)
     elif args.command == "submit":
         submit(args.stage, args.address, args.config, rest, args.wait)
+    elif args.command == "export-vllm":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        print(export_for_vllm(args.checkpoint, args.out_dir, args.pad_audio_to_30s))
     else:
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")

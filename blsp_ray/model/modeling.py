@@ -65,6 +65,28 @@ def token_scores(embeds: torch.Tensor, table: torch.Tensor, kind: str, candidate
     raise ValueError(f"token_score must be one of {TOKEN_SCORES}, got {kind!r}")
 
 
+def read_speech_tokens(embeds: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor,
+                       token_score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions ``speech_positions: ctc_tokens`` keeps: where the adapter's greedy CTC reading
+    emits a token. Scored against the LM's token embeddings ``table`` [V, H] (``token_scores``) and
+    a blank at logit 0, as ``losses.ctc_alignment`` trains them, a position is kept when its best
+    score beats the blank and its token differs from the previous position's, so the LM reads about
+    one embedding per spoken token, as it reads text. A row with none keeps its most token-like
+    position. The one definition, for ``BlspModel`` and the native vLLM model's processor.
+    embeds [B, S, H], lengths [B] -> [B, S', H] (right-padded), lengths [B]."""
+    with torch.no_grad():  # which positions: a discrete choice; the kept vectors still train
+        scores = token_scores(embeds.detach().to(table.dtype), table, token_score)  # [B, S, V]
+        best_score, best = scores.max(-1)  # [B, S]
+        real = length_mask(lengths, embeds.shape[1])
+        token = torch.where((best_score > 0) & real, best, -1)  # -1: blank (or padding)
+        previous = F.pad(token[:, :-1], (1, 0), value=-1)
+        keep = (token >= 0) & (token != previous)  # [B, S]
+        fallback = best_score.masked_fill(~real, float("-inf")).argmax(1)  # [B]
+        keep[torch.arange(len(keep)), fallback] |= ~keep.any(1)
+    rows = [embeds[b][keep[b]] for b in range(embeds.shape[0])]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), keep.sum(1).to(lengths.dtype)
+
+
 class BlspConfig(PretrainedConfig):
     model_type = "blsp"
 
@@ -326,25 +348,10 @@ class BlspModel(PreTrainedModel):
 
     def select_speech_positions(self, embeds: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's output positions the LM reads: all of them, or with ``speech_positions:
-        ctc_tokens`` those where its greedy CTC reading emits a token: scored against the LM's token
-        embeddings (``token_scores``) and a blank at logit 0, as ``losses.ctc_alignment`` trains
-        them, a position is kept when its best score beats the blank and its token differs from the previous
-        position's. The LM then reads about one embedding per spoken token, as it reads text.
-        A row with none keeps its most token-like position. embeds [B, S, H] -> [B, S', H], lengths [B]."""
+        ctc_tokens`` those ``read_speech_tokens`` keeps. embeds [B, S, H] -> [B, S', H], lengths [B]."""
         if self.config.speech_positions == "all":
             return embeds, lengths
-        table = self.llama_model.get_input_embeddings().weight  # [V, H]
-        with torch.no_grad():  # which positions: a discrete choice; the kept vectors still train
-            scores = token_scores(embeds.detach().to(table.dtype), table, self.config.token_score)  # [B, S, V]
-            best_score, best = scores.max(-1)  # [B, S]
-            real = length_mask(lengths, embeds.shape[1])
-            token = torch.where((best_score > 0) & real, best, -1)  # -1: blank (or padding)
-            previous = F.pad(token[:, :-1], (1, 0), value=-1)
-            keep = (token >= 0) & (token != previous)  # [B, S]
-            fallback = best_score.masked_fill(~real, float("-inf")).argmax(1)  # [B]
-            keep[torch.arange(len(keep)), fallback] |= ~keep.any(1)
-        rows = [embeds[b][keep[b]] for b in range(embeds.shape[0])]
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), keep.sum(1).to(lengths.dtype)
+        return read_speech_tokens(embeds, lengths, self.llama_model.get_input_embeddings().weight, self.config.token_score)
 
     # ---- splicing ---------------------------------------------------------------------------
 
