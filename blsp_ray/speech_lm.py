@@ -1,19 +1,16 @@
-"""The one wrapper around a BLSP model and its LM engine: checkpoint -> clips or chat turns ->
-prompt embeddings -> generation. Batch generation, the chat service, the held-out table and stage 2's
-held-out metrics use it.
+"""The one wrapper around a BLSP model and its engine: checkpoint -> clips or chat turns -> prompts
+-> generation. Batch generation, the chat service, the held-out table and stage 2's held-out
+metrics use it. Clips get stage 2's [prefix | speech | suffix] prompt; a conversation's turns
+(instruction text, optional speech, the assistant's reply for past turns) are laid out by the
+checkpoint's prompt format (``PromptFormat.chat_turn_parts``). Two engines, two prompt kinds:
 
-Prompt embeddings are LM-space rows [L, hidden] that every engine takes (transformers
-``inputs_embeds``, vLLM ``prompt_embeds``):
-
-* clips: stage 2's [prefix | speech | suffix] prompt per clip (``speech_prompt_embeds``);
-* a conversation: turns (instruction text, optional speech, the assistant's reply for past turns)
-  laid out by the checkpoint's prompt format (``PromptFormat.chat_turn_parts``), spliced with
-  ``BlspModel.splice`` as one right-padded batch (one row per turn); the real positions of the
-  rows, in order, are the conversation (``prompt_embeds``).
-
-Whisper + adapter always run here, in this process; the LM generates through ``engine``: a
-``TransformersEngine`` on the model's own LM, a ``VllmEngine`` (batch) or an ``AsyncVllmEngine``
-(serving), the last two on the checkpoint's LM directory.
+* ``vllm``: the checkpoint exported once per node (``model/export.py``) and loaded by vLLM as the
+  native BLSP model (``model/vllm_blsp.py``), which hears for itself: prompts are ``AudioPrompt``s,
+  token ids with one speech token per clip, plus the clips (``clip_prompts``, ``audio_prompt``).
+  A ``VllmEngine`` (batch) or an ``AsyncVllmEngine`` (serving).
+* ``transformers``: Whisper + adapter run here and the LM reads LM-space prompt embeddings [L,
+  hidden], spliced with ``BlspModel.splice`` (``speech_prompt_embeds``, ``prompt_embeds``): how
+  training and the held-out metrics read the model, and the baseline.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +30,7 @@ from transformers import AutoTokenizer
 from blsp_ray.config import BatchEngineConfig, EngineConfig, S3Config, SpeechCheckpointConfig
 from blsp_ray.engines import (
     AsyncVllmEngine,
+    AudioPrompt,
     Generation,
     GenerationSettings,
     TextEngine,
@@ -42,7 +39,16 @@ from blsp_ray.engines import (
     VllmEngine,
 )
 from blsp_ray.io.storage import cache_dir, is_s3, local_copy, model_cache
-from blsp_ray.model.modeling import ADAPTER_CONFIG, BlspModel, SpeechBatch, adapter_metadata, checkpoint_bases, load_blsp
+from blsp_ray.model.export import SPEECH_TOKEN, export_for_vllm
+from blsp_ray.model.modeling import (
+    ADAPTER_CONFIG,
+    BlspConfig,
+    BlspModel,
+    SpeechBatch,
+    adapter_metadata,
+    checkpoint_bases,
+    load_blsp,
+)
 from blsp_ray.model.processing import IGNORE, BlspProcessor
 
 
@@ -53,16 +59,18 @@ class ChatTurn:
     reply: str | None = None  # the assistant's answer; None for the turn being answered
 
 
-def standalone_lm_dir(checkpoint: str | os.PathLike, model: BlspModel) -> str:
-    """A Hugging Face directory holding the checkpoint's LM alone (+ tokenizer), as vLLM loads it."""
-    meta = adapter_metadata(checkpoint)
-    if meta is not None:
-        return meta["lm_path"]
-    # A full BLSP checkpoint stores the LM under its own prefix: write it out once.
-    out = tempfile.mkdtemp(prefix="blsp-lm-")
-    model.llama_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
-    return out
+def vllm_export(checkpoint: str | os.PathLike, pad_audio_to_30s: bool | None = None, dtype: str = "float32") -> str:
+    """The checkpoint as vLLM's native BLSP model loads it (``export_for_vllm``, weights in ``dtype``),
+    written once per node and version of the checkpoint's files (``$BLSP_MODEL_CACHE``); replicas
+    starting together share it."""
+    path = Path(checkpoint).resolve()
+    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    key = hashlib.sha1(json.dumps([str(path), stamp, pad_audio_to_30s, dtype]).encode()).hexdigest()[:16]
+    target = model_cache(f"{key}-vllm")
+    if not target.exists():
+        with cache_dir(target) as tmp:
+            export_for_vllm(path, tmp, pad_audio_to_30s, getattr(torch, dtype))
+    return str(target)
 
 
 def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
@@ -89,45 +97,45 @@ def local_checkpoint(uri: str, s3: S3Config | None = None) -> str:
 
 
 class SpeechLM:
-    """A BLSP model + processor + the engine its LM generates with.
+    """A BLSP checkpoint's processor and engine, and its model where speech is embedded here.
 
-    ``generate(waveforms, instructions)`` / ``generate_features(...)`` take a batch of clips and
-    return one ``Generation`` per clip, in order; ``prompt_embeds(turns, header)`` + ``stream(...)``
-    answer a conversation (transformers engine), and ``engine.stream`` does on ``AsyncVllmEngine``.
+    ``generate(waveforms, instructions)`` takes a batch of clips and returns one ``Generation`` per
+    clip, in order. A conversation: ``audio_prompt(turns, header)`` for ``AsyncVllmEngine.stream``,
+    or ``prompt_embeds(turns, header)`` + ``stream(...)`` on the transformers engine.
     """
 
-    def __init__(self, model: BlspModel, processor: BlspProcessor,
+    def __init__(self, model: BlspModel | None, processor: BlspProcessor,
                  engine: TextEngine | AsyncVllmEngine | None = None, batch_size: int = 8):
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: the engine hears for itself
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.engine = engine or TransformersEngine(model.llama_model, self.tokenizer, GenerationSettings(), batch_size)
-        self.batch_size = batch_size  # clips encoded per Whisper + adapter forward
+        self.native = isinstance(self.engine, (VllmEngine, AsyncVllmEngine))
+        if self.native:
+            self.speech_token_id = self.tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
+        self.batch_size = batch_size  # clips encoded per Whisper + adapter forward (transformers)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, cfg: EngineConfig, settings: GenerationSettings | None = None,
                         dtype: str = "float32", streaming: bool = False, device: str = "cpu") -> SpeechLM:
-        """Load a local checkpoint (adapter-only or full) with the engine ``cfg.engine`` names;
-        ``streaming`` makes that vLLM engine an ``AsyncVllmEngine``. ``device``: where Whisper +
-        adapter run, and the LM too on the transformers engine (vLLM places its own copy)."""
+        """Load a local checkpoint (adapter-only, full, or the original release's layout) with the
+        engine ``cfg.engine`` names; ``streaming`` makes that vLLM engine an ``AsyncVllmEngine``.
+        ``device``: where the transformers engine runs the model (vLLM places its own)."""
         settings = settings or GenerationSettings.from_config(cfg)
         batch_size = cfg.batch_size if isinstance(cfg, BatchEngineConfig) else 8  # serving passes one conversation at a time
-        # The loaded model's padding setting is the one every feature extraction below reads.
+        # The checkpoint's padding setting (or the config's override) is what every feature extraction reads.
         override = cfg.pad_audio_to_30s if isinstance(cfg, SpeechCheckpointConfig) else None
-        model = load_blsp(path, dtype=getattr(torch, dtype), pad_audio_to_30s=override).eval()
+        if cfg.engine == "vllm":
+            export = vllm_export(path, override, dtype)
+            blsp_config = BlspConfig.from_pretrained(export)
+            processor = BlspProcessor.from_paths(export, export, blsp_config.pad_audio_to_30s, blsp_config.prompt_format)
+            engine = (AsyncVllmEngine(export, cfg, settings, dtype=dtype) if streaming
+                      else VllmEngine(export, cfg, settings, dtype=dtype))
+            return cls(None, processor, engine, batch_size)
+        model = load_blsp(path, dtype=getattr(torch, dtype), pad_audio_to_30s=override).eval().to(device)
         lm_path, whisper_path = checkpoint_bases(path)
         processor = BlspProcessor.from_paths(lm_path, whisper_path, model.config.pad_audio_to_30s, model.config.prompt_format)
-        if cfg.engine == "vllm":
-            for part in model.children():
-                if part is not model.llama_model:  # the in-process LM only embeds prompt tokens
-                    part.to(device)
-            lm_dir = standalone_lm_dir(path, model)
-            engine = (AsyncVllmEngine(lm_dir, cfg, settings, dtype=dtype) if streaming
-                      else VllmEngine(lm_dir, cfg, settings, enable_prompt_embeds=True, dtype=dtype))
-        else:
-            model.to(device)
-            engine = TransformersEngine(model.llama_model, processor.tokenizer, settings, batch_size)
-        return cls(model, processor, engine, batch_size)
+        return cls(model, processor, TransformersEngine(model.llama_model, processor.tokenizer, settings, batch_size), batch_size)
 
     @property
     def settings(self) -> GenerationSettings:
@@ -137,10 +145,6 @@ class SpeechLM:
     def max_context(self) -> int:
         """Prompt + reply positions the engine takes."""
         return self.engine.max_context
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.llama_model.config.hidden_size)
 
     # ---- speech -> prompt embeddings ------------------------------------------------------------
 
@@ -197,6 +201,31 @@ class SpeechLM:
         # Right padding: the real positions in row-major order are the turns, in order.
         return inputs[attention.bool()]  # [L, H]
 
+    # ---- prompts for the native engine ------------------------------------------------------------
+
+    def clip_prompts(self, waveforms: Sequence[np.ndarray], instructions: Sequence[str]) -> list[AudioPrompt]:
+        """Each clip's [prefix | speech token | suffix] prompt with its clip."""
+        prompts = []
+        for wave, instruction in zip(waveforms, instructions):
+            ids = self.processor.speech_prompt(instruction)
+            prompts.append(AudioPrompt(ids["prefix_ids"] + [self.speech_token_id] + ids["suffix_ids"], [wave]))
+        return prompts
+
+    def audio_prompt(self, turns: Sequence[ChatTurn], header: str = "") -> AudioPrompt:
+        """The conversation as token ids ending where the reply starts, a speech token where each
+        turn's speech goes, and the turns' clips in order: ``prompt_embeds``'s layout."""
+        if not turns:
+            raise ValueError("a conversation needs at least one turn")
+        ids, audio = [], []
+        for i, turn in enumerate(turns):
+            prefix, suffix = self.processor.prompts.chat_turn_parts(turn.instruction, turn.reply, header, first=i == 0)
+            ids += self.tokenizer(prefix, add_special_tokens=i == 0)["input_ids"]  # BOS once
+            if turn.speech is not None:
+                ids.append(self.speech_token_id)
+                audio.append(turn.speech)
+            ids += self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return AudioPrompt(ids, audio)
+
     # ---- generation -----------------------------------------------------------------------------
 
     def generate_features(self, speech: SpeechBatch, instructions: str | Sequence[str]) -> list[Generation]:
@@ -214,6 +243,10 @@ class SpeechLM:
 
     def generate(self, waveforms: Sequence[np.ndarray], instructions: str | Sequence[str]) -> list[Generation]:
         """16 kHz mono clips [T_i] -> one generation each, in order."""
+        if isinstance(instructions, str):
+            instructions = [instructions] * len(waveforms)
+        if self.native:
+            return self.engine.generate_audio(self.clip_prompts(waveforms, instructions))
         return self.generate_features(self.features(waveforms), instructions)
 
     def stream(self, prompt_embeds: torch.Tensor, settings: GenerationSettings | None = None,

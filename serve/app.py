@@ -52,10 +52,12 @@ MAX_ATTEMPTS = 3
 
 @serve.deployment(name="BlspEngine")
 class BlspEngine:
-    """One model replica: Whisper + adapter embed the conversation, then the LM engine replies.
+    """One model replica: the conversation in, the reply out.
 
-    ``vllm``: an ``AsyncVllmEngine`` takes the embeddings as ``prompt_embeds`` and batches concurrent
-    requests continuously. ``transformers``: one generation at a time per replica (the rest wait).
+    ``vllm``: an ``AsyncVllmEngine`` on the checkpoint's native vLLM export takes the conversation as
+    token ids + clips (``SpeechLM.audio_prompt``), hears them itself and batches concurrent requests
+    continuously. ``transformers``: Whisper + adapter embed the conversation here, then one
+    generation at a time per replica (the rest wait).
     """
 
     def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32", s3: dict | None = None):
@@ -119,17 +121,25 @@ class BlspEngine:
 
     async def _generate_vllm(self, req: ChatRequest) -> AsyncIterator[tuple]:
         yield ("started", None)
-        embeds = await asyncio.to_thread(self._embed, req)
-        if too_long := self._too_long(embeds.shape[0], req):
+        prompt = self.speech_lm.audio_prompt(req.turns, req.header)  # token ids + clips: the engine hears them
+        if too_long := self._too_long(len(prompt.token_ids) - len(prompt.audio), req):  # a floor: before the speech
             yield too_long
             return
         final = None
-        # Cancelling this generator (client gone, timeout) aborts the request inside vLLM.
-        async for delta, done in self.speech_lm.engine.stream(embeds, req.sampling):
-            if delta:
-                yield ("delta", delta)
-            final = done or final
-        yield ("done", {"finish_reason": final.finish_reason or "stop", "prompt_tokens": int(embeds.shape[0]),
+        try:
+            # Cancelling this generator (client gone, timeout) aborts the request inside vLLM.
+            async for delta, done in self.speech_lm.engine.stream(prompt, req.sampling):
+                if delta:
+                    yield ("delta", delta)
+                final = done or final
+        except ValueError as err:
+            # vLLM checks the prompt with its speech expanded (one position per speech embedding)
+            # against the context before it runs a step, and says so with a ValueError.
+            if final is not None or "maximum model length" not in str(err):
+                raise
+            yield ("error", (400, f"prompt with its speech exceeds the model's context of {self.max_context}: {err}", "context_length_exceeded"))
+            return
+        yield ("done", {"finish_reason": final.finish_reason or "stop", "prompt_tokens": final.prompt_tokens,
                         "completion_tokens": len(final.token_ids)})
 
     def _run_transformers(self, req: ChatRequest, cancel: threading.Event, emit) -> None:

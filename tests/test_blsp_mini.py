@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from blsp_ray.config import load_config
+from blsp_ray.model.audio import load_audio
+from blsp_ray.speech_lm import SpeechLM
 from blsp_ray.stages.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +60,10 @@ def test_trained_adapter_beats_untrained_and_shuffled_on_heldout_voices(ray_clus
     assert heard["trained adapter"] < heard["shuffled speech"] - 0.1, heard
     history = json.loads((tmp_path / "runs" / "mini" / "stage2" / "model" / "train_metrics.json").read_text())["history"]
     assert [h["step"] for h in history if "heldout_nll" in h] == list(range(40, 441, 40))
+    # The generate stage ran the trained checkpoint as vLLM's native BLSP model (mini's generate.engine):
+    # its greedy replies are those of the transformers path reading BlspModel's spliced embeddings.
+    generated = [json.loads(line) for line in (tmp_path / "runs" / "mini" / "generate" / "heldout.jsonl").read_text().splitlines()][:6]
+    reference = SpeechLM.from_checkpoint(str(tmp_path / "runs" / "mini" / "stage2" / "model"),
+                                         cfg.generate.model_copy(update={"engine": "transformers"}))
+    expected = [g.text.strip() for g in reference.generate([load_audio(r["audio"]) for r in generated], cfg.generate.instruction)]
+    assert [r["response"] for r in generated] == expected

@@ -1,4 +1,4 @@
-"""The chat service on the vLLM engine (speech as ``prompt_embeds``), over HTTP on 127.0.0.1.
+"""The chat service on the vLLM engine (the checkpoint as vLLM's native BLSP model), over HTTP on 127.0.0.1.
 
 Slow (vLLM's engine start on CPU): one deployment, a plain and a streamed completion, and the
 greedy reply checked against the transformers path on the same checkpoint and conversation.

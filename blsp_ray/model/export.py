@@ -1,5 +1,6 @@
 """Export any BLSP checkpoint (adapter-only, full, or the original release's layout) as one
-directory that vLLM loads as the native ``BlspForConditionalGeneration`` (``vllm_blsp.py``):
+directory that vLLM loads as the native ``BlspForConditionalGeneration`` (``vllm_blsp.py``);
+``blsp-ray export-vllm`` writes one, and ``SpeechLM`` makes one per checkpoint for its vLLM engine:
 
 * ``config.json``: the ``BlspConfig`` with ``architectures: [BlspForConditionalGeneration]`` and
   the speech token's id; ``model.safetensors``: the whole ``BlspModel`` (LM, Whisper encoder,
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,29 +69,21 @@ def chat_template(tokenizer, prompt_format: str) -> str:
 
 def export_for_vllm(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                     pad_audio_to_30s: bool | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``checkpoint`` as a vLLM-loadable BLSP directory at ``out_dir`` (atomically: a
-    half-written export is never left there). ``pad_audio_to_30s`` overrides what the checkpoint
-    records, as in ``load_blsp``."""
+    """Write ``checkpoint`` into ``out_dir`` (made if missing) as a directory vLLM loads as BLSP,
+    like ``save_pretrained``: a caller that needs it whole or absent writes a temp dir and renames
+    it (``storage.cache_dir``). ``pad_audio_to_30s`` overrides what the checkpoint records, as in
+    ``load_blsp``."""
     out_dir = Path(out_dir)
     model = load_blsp(checkpoint, dtype=dtype, pad_audio_to_30s=pad_audio_to_30s)
     lm_path, whisper_path = checkpoint_bases(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
     tokenizer.add_tokens([SPEECH_TOKEN], special_tokens=True)
     tokenizer.chat_template = chat_template(tokenizer, model.config.prompt_format)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        WhisperFeatureExtractor.from_pretrained(whisper_path).save_pretrained(tmp)
-        # save_pretrained names the transformers class; vLLM picks its model by this.
-        config = json.loads((tmp / "config.json").read_text())
-        config.update(architectures=[ARCHITECTURE], speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    WhisperFeatureExtractor.from_pretrained(whisper_path).save_pretrained(out_dir)
+    # save_pretrained names the transformers class; vLLM picks its model by this.
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(architectures=[ARCHITECTURE], speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

@@ -1,18 +1,17 @@
 """Speech inference: the original release's ``generate.py`` as a Ray Data batch job.
 
-Rows ``{"audio": path, ...}`` -> decode + log-mel features in CPU tasks -> ``SpeechLM`` in an
-actor pool (one replica per GPU on clusters) -> rows in input order with ``response`` added (or
-``error`` for a row that could not be used; the rest go on).
+Rows ``{"audio": path, ...}`` -> decode + check in CPU tasks -> ``SpeechLM`` in an actor pool
+(one replica per GPU on clusters) -> rows in input order with ``response`` added (or ``error`` for
+a row that could not be used; the rest go on).
 
-Engines: ``vllm`` gets the spliced [prefix | speech | suffix] embeddings as ``prompt_embeds``
-(vLLM batches them like any prompt); ``transformers`` generates from the same embeddings, left
-padded. Both greedy by default, and tested to agree.
+Engines: ``vllm`` runs the checkpoint as vLLM's native BLSP model (clips in the prompt, Whisper +
+adapter inside the engine, continuous batching); ``transformers`` splices the speech embeddings
+into the prompt here and generates left padded. Both greedy by default, and tested to agree.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import logging
@@ -21,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
-from transformers import WhisperFeatureExtractor
 
 from blsp_ray.cli import load_job_config
 from blsp_ray.config import BlspRayConfig, GenerateConfig, S3Config, config_from_dict
@@ -31,8 +28,6 @@ from blsp_ray.engines import engine_pool
 from blsp_ray.io.storage import is_s3, open_input, open_output
 from blsp_ray.io.shards import Summary
 from blsp_ray.model.audio import read_clip
-from blsp_ray.model.modeling import SpeechBatch, checkpoint_bases, checkpoint_pads_audio
-from blsp_ray.model.processing import log_mel
 from blsp_ray.runtime import init_ray
 from blsp_ray.speech_lm import SpeechLM, local_checkpoint
 
@@ -42,15 +37,15 @@ log = logging.getLogger(__name__)
 # ---- the batch job ------------------------------------------------------------------------------------
 
 
-def decode_row(row: dict, input_file: str, feature_extractor_path: str, min_duration_s: float, max_duration_s: float,
-               pad_audio_to_30s: bool = False) -> dict:
-    """CPU task: audio -> log-mel features [n_mels, F] (flattened), or the row's drop reason and detail.
+def decode_row(row: dict, input_file: str, min_duration_s: float, max_duration_s: float) -> dict:
+    """CPU task: audio -> 16 kHz mono samples, checked by the one duration rule (Whisper's floor
+    included), or the row's drop reason and detail.
 
     Any failure of this row is the row's error (a named reason where a check names it, else
     ``unexpected_error``); the job goes on with the other rows.
     """
     out = {"line": row["line"], "source_json": row["source_json"], "error_reason": "",
-           "error_detail": "", "features": np.zeros(0, np.float32), "n_mels": 0, "frames": 0}
+           "error_detail": "", "waveform": np.zeros(0, np.float32)}
     try:
         try:
             item = json.loads(row["source_json"])
@@ -58,22 +53,13 @@ def decode_row(row: dict, input_file: str, feature_extractor_path: str, min_dura
             raise RowDropped(DropReason.BAD_ROW, f"not JSON: {err}") from None
         if not isinstance(item, dict) or not isinstance(item.get("audio"), str):
             raise RowDropped(DropReason.BAD_ROW, 'no string "audio" path')
-        wav = read_clip(item["audio"], min_duration_s, max_duration_s)  # the duration rule of preprocessing
-        speech = log_mel(_feature_extractor(feature_extractor_path), [wav], pad_audio_to_30s)
-        feats = speech.features[0].numpy()  # [n_mels, F]
-        out.update(features=feats.ravel(), n_mels=feats.shape[0], frames=int(speech.frame_lengths[0]))
+        out["waveform"] = read_clip(item["audio"], min_duration_s, max_duration_s)  # the duration rule of preprocessing
     except RowDropped as err:
         out.update(error_reason=err.reason.value, error_detail=err.detail)
     except Exception as err:  # noqa: BLE001 - one row's failure, whatever it is, must not end the job
         log.exception("%s:%d: unexpected error decoding the row", input_file, row["line"])
         out.update(error_reason=DropReason.UNEXPECTED.value, error_detail=f"{type(err).__name__}: {err}")
     return out
-
-
-@functools.cache
-def _feature_extractor(path: str) -> WhisperFeatureExtractor:
-    """One feature extractor per worker process (decode tasks reuse their worker)."""
-    return WhisperFeatureExtractor.from_pretrained(path)
 
 
 class SpeechGenerationActor:
@@ -87,12 +73,8 @@ class SpeechGenerationActor:
         self.instruction = instruction
 
     def _generate(self, batch: dict, rows: list[int]) -> list[str]:
-        feats = [np.asarray(batch["features"][i], np.float32).reshape(int(batch["n_mels"][i]), -1) for i in rows]
-        padded = np.zeros((len(rows), feats[0].shape[0], max(f.shape[1] for f in feats)), np.float32)  # [B, n_mels, F]
-        for j, f in enumerate(feats):
-            padded[j, :, : f.shape[1]] = f  # masked by the frame lengths
-        speech = SpeechBatch(torch.from_numpy(padded), torch.tensor([int(batch["frames"][i]) for i in rows]))
-        return [g.text.strip() for g in self.speech_lm.generate_features(speech, self.instruction)]
+        waves = [np.asarray(batch["waveform"][i], np.float32) for i in rows]
+        return [g.text.strip() for g in self.speech_lm.generate(waves, self.instruction)]
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["line"])
@@ -127,14 +109,11 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
     t0 = time.time()
     gc, s3 = cfg.generate, cfg.cluster.s3
     blsp_model = blsp_model if is_s3(blsp_model) else str(Path(blsp_model).resolve())  # actors run elsewhere
-    local = local_checkpoint(blsp_model, s3)  # the driver's copy: audio settings
-    _, whisper_path = checkpoint_bases(local)
     rows = read_rows(input_file, s3)
     init_ray(cfg)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * max(1, gc.max_replicas))))
-    ds = ds.map(decode_row, fn_kwargs=dict(input_file=input_file, feature_extractor_path=whisper_path, min_duration_s=cfg.data.min_duration_s,
-                                           max_duration_s=cfg.data.max_duration_s,
-                                           pad_audio_to_30s=checkpoint_pads_audio(local, gc.pad_audio_to_30s)),
+    ds = ds.map(decode_row, fn_kwargs=dict(input_file=input_file, min_duration_s=cfg.data.min_duration_s,
+                                           max_duration_s=cfg.data.max_duration_s),
                 num_cpus=0.5)
     ds = ds.map_batches(SpeechGenerationActor, fn_constructor_kwargs=dict(blsp_model=blsp_model, cfg=gc, instruction=gc.instruction,
                                                                           dtype=gc.engine_dtype(cfg.model), s3=s3),
