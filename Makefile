@@ -29,7 +29,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest tests
 
-bench: setup  # every benchmark, one table (quiet machine: about 13 min on 2 CPUs)
+bench: setup  # every benchmark, one table (quiet machine: about 19 min on 2 CPUs)
 	$(VENV)/bin/python benchmarks/run_all.py --config configs/mini.yaml --out runs/bench.json
 
 clean:

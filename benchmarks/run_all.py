@@ -54,7 +54,9 @@ def main() -> None:
     label = run("label_throughput.py", ["--config", args.config, "--rows", str(args.label_rows), "--max-new-tokens", "24",
                                         "--job-batch-size", "64", "--hf-rows", "256"])
     step = run("stage2_step.py", ["--config", args.config, "--batch", "8", "--steps", "6"])
+    load = run("serve_load.py", ["--config", args.config, "--concurrency", "1,4,8,16"])
     r, sps = label["results"], step["samples_per_s"]
+    at8 = {engine: next(x for x in rows if x["concurrency"] == 8) for engine, rows in load["results"].items()}
     table = [
         row("label: Ray Data + vLLM job (engine start incl.) vs bare vLLM, same prompts", r["ray_data_vllm_job"]["tokens_per_s"],
             r["bare_vllm"]["tokens_per_s"], "tokens/s", 0.9),
@@ -65,9 +67,14 @@ def main() -> None:
         row("stage 2 step: ours, float32 (real-length, cached encoder) vs original-faithful", sps["ours_cached"], sps["original"],
             "samples/s", None),
         row("stage 2 step: ours (real-length, encoder every step) vs original-faithful", sps["ours"], sps["original"], "samples/s", None),
+        row(f"serving, 8 concurrent chats, one replica: native vLLM BLSP vs transformers (p95 {at8['native']['p95_s']:.2f} s vs "
+            f"{at8['transformers']['p95_s']:.2f} s)", at8["native"]["req_s"], at8["transformers"]["req_s"], "req/s", 5.0),
+        row(f"serving, 8 concurrent chats, one replica: native vLLM BLSP vs vLLM prompt_embeds (p95 {at8['native']['p95_s']:.2f} s vs "
+            f"{at8['prompt_embeds']['p95_s']:.2f} s)", at8["native"]["req_s"], at8["prompt_embeds"]["req_s"], "req/s", 1.0),
     ]
     report = {"config": args.config, "wall_s": round(time.time() - t0, 1), "table": table,
-              "engine_start_s": r["bare_vllm"]["engine_start_s"], "stage2_loss": step["loss"], "raw": {"label": label, "stage2": step}}
+              "engine_start_s": r["bare_vllm"]["engine_start_s"], "stage2_loss": step["loss"],
+              "raw": {"label": label, "stage2": step, "serve_load": load}}
     print(f"\n{'benchmark':<112} {'ours':>9} {'baseline':>9} {'ratio':>6} {'goal':>6}  pass")
     for t in table:
         goal = f">={t['goal']}" if t["goal"] is not None else "-"
@@ -81,6 +88,7 @@ def main() -> None:
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    print(f"serving checkpoint: {load['checkpoint']} ({load['checkpoint_is']}), {load['clips']}")
     print(f"-> {out}")
 
 

@@ -1,165 +1,233 @@
-"""Load on the BLSP chat service: req/s and p50/p95 latency at several concurrencies, per engine.
+"""Load on a BLSP chat replica: req/s and p50/p95 latency at several concurrencies, per engine, in one run.
 
-Deploys the real Serve application (one engine replica, so engines compare like for like) on a
-local Ray cluster on 127.0.0.1, once per engine on the same checkpoint, and drives it with the
-``openai`` client: every request carries 1 s of audio and asks for ``--max-tokens`` tokens.
-The transformers engine is the baseline measured in the same run.
+Three ways one replica can answer a chat turn (text + a clip), measured one after another on the
+same checkpoint, clips and settings:
 
-    python benchmarks/serve_load.py                      # tiny random-weight assets, both engines
-    python benchmarks/serve_load.py --config configs/tiny.yaml --checkpoint runs/tiny/stage2/model
+* ``native``: vLLM's native BLSP model (``SpeechLM`` with ``engine: vllm``, what the Serve app
+  runs): token ids + the clip go in, Whisper + adapter run inside the engine, continuous batching;
+* ``prompt_embeds``: the earlier path, the baseline for the native model: Whisper + adapter run in
+  the replica (one request at a time, as the app did) and vLLM's ``AsyncLLM`` on the LM alone
+  takes the spliced embeddings as ``prompt_embeds``;
+* ``transformers``: Whisper + adapter + the LM's ``generate`` in the replica, one request at a time
+  (the Serve app's transformers path), the baseline measured in the same run.
+
+Engine level: the replica's work, without HTTP (``tests/test_serve*.py`` cover the app). Every
+request asks for ``--max-tokens`` greedy tokens; req/s counts completed requests over the level's
+wall time, latency is per request from submission to its last token.
+
+    python benchmarks/serve_load.py --config configs/mini.yaml     # the mini run's checkpoint if trained, else an untrained adapter
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import asyncio
+import json
 import os
-import statistics
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from blsp_ray.runtime import free_port, loopback_env, start_local_cluster  # noqa: E402  (after sys.path)
 
 for key, value in {
     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_HOST_IP": "127.0.0.1",
 }.items():
     os.environ.setdefault(key, value)
 
+INSTRUCTION = "Please transcribe the following audio."
 
-def wav_b64(seconds: float = 1.0) -> str:
-    import base64
 
+def checkpoint_for(cfg, given: str | None, work: Path) -> tuple[str, str]:
+    """(checkpoint, what it is): ``given``, the run's stage-2 model, or an untrained adapter on the config's models."""
+    from blsp_ray.io.layout import RunLayout
+    from blsp_ray.model.modeling import build_blsp
+
+    if given:
+        return given, "given"
+    trained = Path(RunLayout.of(cfg).stage2_model)
+    if (trained / "blsp_adapter.json").exists():
+        return str(trained), "the run's trained adapter"
+    out = work / "untrained"
+    build_blsp(cfg.model).save_adapter(out, cfg.model.lm_path, cfg.model.whisper_path)
+    return str(out), "an untrained adapter (train the run for representative speech lengths)"
+
+
+def clips_for(cfg, n: int):
+    """Held-out clips of the config's speech, else 1 s tones."""
     import numpy as np
-    import soundfile as sf
 
-    t = np.arange(int(seconds * 16000)) / 16000
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
-    return base64.b64encode(buf.getvalue()).decode()
+    from blsp_ray.io.storage import read_jsonl
+    from blsp_ray.model.audio import load_audio
 
-
-def tiny_checkpoint(root: Path) -> tuple[Path, Path]:
-    import torch
-
-    from blsp_ray.demo.assets import build_tiny_assets
-    from blsp_ray.config import TinyAssetsConfig
-    from blsp_ray.model.modeling import build_blsp_from_parts
-
-    assets = build_tiny_assets(TinyAssetsConfig(out_dir=str(root / "assets")))
-    torch.manual_seed(0)
-    ckpt = root / "ckpt"
-    build_blsp_from_parts(assets / "lm", assets / "whisper", adapter_inner_dim=64).save_adapter(ckpt, str(assets / "lm"), str(assets / "whisper"))
-    return assets, ckpt
+    manifest = Path(cfg.heldout_manifest() or "")
+    if manifest.is_file():
+        return [load_audio(r["audio"]) for r in read_jsonl(manifest)[:n]], f"{n} held-out clips of {manifest}"
+    t = np.arange(16000) / 16000
+    return [(0.3 * np.sin(2 * np.pi * (200 + 20 * i) * t)).astype(np.float32) for i in range(n)], f"{n} 1 s tones"
 
 
-def measure(url: str, concurrency: int, n: int, max_tokens: int, audio: str) -> dict:
-    from openai import OpenAI
+async def drive(answer, prompts: list, concurrency: int) -> dict:
+    """Run ``answer(prompt)`` (-> completion tokens) over ``prompts``, ``concurrency`` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies, tokens = [], []
 
-    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    latencies, tokens, errors = [], [], []
-
-    def one(i: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            out = client.chat.completions.create(
-                model="blsp", max_tokens=max_tokens, temperature=0,
-                messages=[{"role": "user", "content": [
-                    {"type": "text", "text": f"Request {i}: please transcribe the following audio."},
-                    {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}],
-            )
+    async def one(prompt) -> None:
+        async with gate:
+            t0 = time.perf_counter()
+            tokens.append(await answer(prompt))
             latencies.append(time.perf_counter() - t0)
-            tokens.append(out.usage.completion_tokens)
-        except Exception as err:
-            errors.append(f"{type(err).__name__}: {err}")
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(n)))
+    await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
-    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
-    return {"concurrency": concurrency, "requests": n, "errors": len(errors), "req_s": len(lat) / wall,
-            "p50_s": pct(0.50), "p95_s": pct(0.95), "tok_s": sum(tokens) / wall,
-            "mean_tokens": statistics.mean(tokens) if tokens else 0.0, "first_error": errors[0] if errors else ""}
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(prompts), "req_s": len(lat) / wall, "p50_s": pct(0.50),
+            "p95_s": pct(0.95), "tok_s": sum(tokens) / wall, "mean_tokens": sum(tokens) / len(tokens)}
+
+
+def measure(name: str, answer, turns: list, levels: list[int], per_level: int) -> list[dict]:
+    """Every level in one event loop (an AsyncLLM stays with the loop it first ran on)."""
+
+    async def levels_in_turn() -> list[dict]:
+        await drive(answer, turns[:2], 2)  # warm-up
+        rows = []
+        for c in levels:
+            r = await drive(answer, [turns[i % len(turns)] for i in range(max(per_level, c))], c)
+            rows.append(r)
+            print(f"[{name}] c={c:>2} {r['req_s']:.2f} req/s  p50 {r['p50_s']:.3f}s  p95 {r['p95_s']:.3f}s  {r['tok_s']:.1f} tok/s "
+                  f"({r['mean_tokens']:.1f} tok/req)", flush=True)
+        return rows
+
+    return asyncio.run(levels_in_turn())
+
+
+def run_native(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+    from blsp_ray.speech_lm import SpeechLM
+
+    t0 = time.perf_counter()
+    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "vllm"}), settings, streaming=True)
+    print(f"[native] engine up in {time.perf_counter() - t0:.1f}s (export included)", flush=True)
+
+    async def answer(turn) -> int:
+        final = None
+        async for _, done in speech_lm.engine.stream(speech_lm.audio_prompt([turn]), settings):
+            final = done or final
+        return len(final.token_ids)
+
+    try:
+        return measure("native", answer, turns, levels, per_level)
+    finally:
+        speech_lm.engine.shutdown()
+
+
+def run_prompt_embeds(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+    from vllm import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs, vllm_sampling_params
+    from blsp_ray.model.modeling import checkpoint_bases
+    from blsp_ray.speech_lm import SpeechLM
+
+    t0 = time.perf_counter()
+    embedder = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings)
+    lm_dir, _ = checkpoint_bases(checkpoint)
+    prepare_vllm_env(serve_cfg)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # AsyncLLM's engine core is a process of its own
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(serve_cfg, lm_dir), enable_prompt_embeds=True,
+                                                    disable_log_stats=True))
+    print(f"[prompt_embeds] engine up in {time.perf_counter() - t0:.1f}s", flush=True)
+    params = vllm_sampling_params(settings, output_kind=RequestOutputKind.FINAL_ONLY)
+    embed_lock = threading.Lock()  # the replica encodes one conversation at a time, as the app did
+
+    def embed(turn):
+        with embed_lock:
+            return embedder.prompt_embeds([turn]).detach().float().cpu()
+
+    async def answer(turn) -> int:
+        embeds = await asyncio.to_thread(embed, turn)
+        final = None
+        async for out in llm.generate({"prompt_embeds": embeds}, params, uuid.uuid4().hex):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    try:
+        return measure("prompt_embeds", answer, turns, levels, per_level)
+    finally:
+        llm.shutdown()
+
+
+def run_transformers(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+    from blsp_ray.speech_lm import SpeechLM
+
+    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings)
+    lock = asyncio.Lock()  # one generation at a time per replica, as the app runs it
+
+    def generate(turn) -> int:
+        stream = speech_lm.stream(speech_lm.prompt_embeds([turn]), settings)
+        for _ in stream:
+            pass
+        return stream.completion_tokens
+
+    async def answer(turn) -> int:
+        async with lock:
+            return await asyncio.to_thread(generate, turn)
+
+    return measure("transformers", answer, turns, levels, per_level)
 
 
 def main() -> None:
-    loopback_env()  # this process drives a local cluster on 127.0.0.1
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="run config (default: tiny random-weight assets built here)")
-    parser.add_argument("--checkpoint", help="BLSP checkpoint (default: an untrained adapter on the tiny assets)")
-    parser.add_argument("--engines", default="transformers,vllm")
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--requests-per-level", type=int, default=24)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--cpus-per-replica", type=float, default=2.0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mini.yaml")
+    parser.add_argument("--checkpoint", help="BLSP checkpoint (default: the config's run's stage-2 model, else an untrained adapter)")
+    parser.add_argument("--engines", default="native,prompt_embeds,transformers")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--requests-per-level", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=24)
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
+    import torch
 
-    from blsp_ray.config import config_from_dict, load_config
-    from serve.app import APP_NAME, build_app
+    from blsp_ray.config import load_config
+    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.speech_lm import ChatTurn
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm-cache"))
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(work / "vllm-rpc"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
-    if args.config:
-        base = load_config(args.config)
-        checkpoint = args.checkpoint
-    else:
-        assets, ckpt = tiny_checkpoint(work)
-        base = config_from_dict({"model": {"lm_path": str(assets / "lm"), "whisper_path": str(assets / "whisper")}})
-        checkpoint = args.checkpoint or str(ckpt)
+    for key, sub in {"VLLM_CACHE_ROOT": "vllm-cache", "VLLM_RPC_BASE_PATH": "vllm-rpc", "TORCHINDUCTOR_CACHE_DIR": "inductor",
+                     "BLSP_MODEL_CACHE": "models"}.items():
+        os.environ.setdefault(key, str(work / sub))
+    cfg = load_config(args.config)
+    checkpoint, what = checkpoint_for(cfg, args.checkpoint, work)
+    waves, which = clips_for(cfg, 32)
+    turns = [ChatTurn(INSTRUCTION, w) for w in waves]
     levels = [int(c) for c in args.concurrency.split(",")]
-    audio = wav_b64(1.0)
-
-    cluster = start_local_cluster(num_cpus=os.cpu_count())
-    ray.init(address=cluster.address)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=0.0)
+    serve_cfg = cfg.serve.model_copy(update={"max_new_tokens": args.max_tokens})
+    torch.set_num_threads(os.cpu_count())
+    runners = {"native": run_native, "prompt_embeds": run_prompt_embeds, "transformers": run_transformers}
     results = {}
-    try:
-        for engine in args.engines.split(","):
-            cfg = base.model_copy(deep=True)
-            cfg.serve = cfg.serve.model_copy(update={
-                "engine": engine, "checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
-                "cpus_per_replica": args.cpus_per_replica, "max_new_tokens": max(args.max_tokens, cfg.serve.max_new_tokens),
-                "max_ongoing_requests": max(levels) * 2, "auth_token_env": None, "request_timeout_s": 600,
-            })
-            t0 = time.perf_counter()
-            try:
-                serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-            except Exception as err:  # e.g. vLLM missing on this machine: report and go on
-                print(f"[{engine}] could not deploy: {type(err).__name__}: {str(err)[:500]}", flush=True)
-                continue
-            print(f"[{engine}] deployed in {time.perf_counter() - t0:.1f}s", flush=True)
-            measure(url, 2, 4, args.max_tokens, audio)  # warm-up
-            results[engine] = [measure(url, c, max(args.requests_per_level, c), args.max_tokens, audio) for c in levels]
-            for r in results[engine]:
-                print(f"[{engine}] c={r['concurrency']:>2} {r['req_s']:.2f} req/s  p50 {r['p50_s']:.3f}s  p95 {r['p95_s']:.3f}s  "
-                      f"{r['tok_s']:.1f} tok/s  ({r['mean_tokens']:.1f} tok/req, {r['errors']} errors) {r['first_error'][:200]}", flush=True)
-            serve.delete(APP_NAME)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.stop()
+    for engine in args.engines.split(","):
+        results[engine] = runners[engine](checkpoint, serve_cfg, settings, turns, levels, args.requests_per_level)
 
-    print(f"\nserve_load: 1 engine replica, {args.cpus_per_replica} CPUs, 1 s audio, max_tokens {args.max_tokens}, "
-          f"{args.requests_per_level} requests per level")
-    print(f"{'engine':<13}{'conc':>5}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'tok/s':>9}{'errors':>8}")
+    print(f"\nserve_load: one replica, engine level (no HTTP), {os.cpu_count()} CPUs, checkpoint {checkpoint} ({what}), "
+          f"{which}, max_tokens {args.max_tokens} greedy, {args.requests_per_level} requests per level")
+    print(f"{'engine':<15}{'conc':>5}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'tok/s':>9}{'tok/req':>9}")
     for engine, rows in results.items():
         for r in rows:
-            print(f"{engine:<13}{r['concurrency']:>5}{r['req_s']:>9.2f}{r['p50_s']:>9.3f}{r['p95_s']:>9.3f}{r['tok_s']:>9.1f}{r['errors']:>8}")
-    if "transformers" in results and "vllm" in results:
-        for base_r, r in zip(results["transformers"], results["vllm"]):
-            print(f"vllm / transformers at c={r['concurrency']}: {r['req_s'] / base_r['req_s']:.2f}x req/s")
+            print(f"{engine:<15}{r['concurrency']:>5}{r['req_s']:>9.2f}{r['p50_s']:>9.3f}{r['p95_s']:>9.3f}{r['tok_s']:>9.1f}{r['mean_tokens']:>9.1f}")
+    for base in ("transformers", "prompt_embeds"):
+        if "native" in results and base in results:
+            for b, r in zip(results[base], results["native"]):
+                print(f"native / {base} at c={r['concurrency']}: {r['req_s'] / b['req_s']:.2f}x req/s, "
+                      f"p95 {r['p95_s']:.3f}s vs {b['p95_s']:.3f}s")
+    print(json.dumps({"checkpoint": checkpoint, "checkpoint_is": what, "clips": which, "max_tokens": args.max_tokens,
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ class BlspEngine:
         if too_long := self._too_long(len(prompt.token_ids) - len(prompt.audio), req):  # a floor: before the speech
             yield too_long
             return
+        from vllm.exceptions import VLLMClientError
+
         final = None
         try:
             # Cancelling this generator (client gone, timeout) aborts the request inside vLLM.
@@ -132,12 +134,13 @@ class BlspEngine:
                 if delta:
                     yield ("delta", delta)
                 final = done or final
-        except ValueError as err:
+        except VLLMClientError as err:
             # vLLM checks the prompt with its speech expanded (one position per speech embedding)
-            # against the context before it runs a step, and says so with a ValueError.
-            if final is not None or "maximum model length" not in str(err):
+            # against the context before it runs a step: the request's fault, said as vLLM says it.
+            if final is not None:
                 raise
-            yield ("error", (400, f"prompt with its speech exceeds the model's context of {self.max_context}: {err}", "context_length_exceeded"))
+            code = "context_length_exceeded" if "maximum model length" in str(err) else "invalid_request"
+            yield ("error", (400, f"the engine refused the prompt: {err}", code))
             return
         yield ("done", {"finish_reason": final.finish_reason or "stop", "prompt_tokens": final.prompt_tokens,
                         "completion_tokens": len(final.token_ids)})

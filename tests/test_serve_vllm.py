@@ -64,3 +64,32 @@ def test_vllm_engine_completion_stream_and_parity(vllm_app):
     chat = SpeechLM.from_checkpoint(vllm_app["checkpoint"], ServeConfig(engine="transformers"))
     reference = "".join(chat.stream(chat.prompt_embeds(req.turns, req.header), GenerationSettings(12)))
     assert text == reference
+
+
+def test_speech_that_overflows_the_context_is_a_400(vllm_app):
+    """The replica checks the prompt's text against the context before the engine; the speech's
+    positions are known once vLLM's processor has run, and a prompt they push past the context is
+    the client's 400 context_length_exceeded, not a 500."""
+    import requests
+
+    from blsp_ray.config import ServeConfig
+    from blsp_ray.speech_lm import SpeechLM
+    from serve.schemas import to_chat_request
+
+    chat = SpeechLM.from_checkpoint(vllm_app["checkpoint"], ServeConfig(engine="transformers"))
+    audio = wav_bytes(1.1)
+
+    def body(words: int) -> dict:
+        return {"messages": [user("a " * words, audio)], "max_tokens": 1, "temperature": 0}
+
+    def positions(words: int) -> tuple[int, int]:  # (whole prompt, its speech positions)
+        req = to_chat_request(body(words), ServeConfig(max_new_tokens=16))
+        whole = chat.prompt_embeds(req.turns, req.header).shape[0]
+        return whole, whole - chat.prompt_embeds([t.__class__(t.instruction) for t in req.turns], req.header).shape[0]
+
+    words = next(w for w in range(400, 520) if positions(w)[0] > 512)  # vllm_max_model_len: 512
+    whole, speech = positions(words)
+    assert whole - speech + 1 + 1 <= 512, "the text alone (one speech token, max_tokens 1) must pass the replica's own check"
+    r = requests.post(vllm_app["url"] + "/v1/chat/completions", json=body(words), timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded", r.text
