@@ -12,8 +12,9 @@ same checkpoint, clips and settings:
   (the Serve app's transformers path), the baseline measured in the same run.
 
 Engine level: the replica's work, without HTTP (``tests/test_serve*.py`` cover the app). Every
-request asks for ``--max-tokens`` greedy tokens; req/s counts completed requests over the level's
-wall time, latency is per request from submission to its last token.
+request asks for ``--max-tokens`` greedy tokens about a clip no earlier request had (vLLM caches
+processed audio by content); req/s counts completed requests over the level's wall time, latency
+is per request from submission to its last token.
 
     python benchmarks/serve_load.py --config configs/mini.yaml     # the mini run's checkpoint if trained, else an untrained adapter
 """
@@ -58,7 +59,7 @@ def checkpoint_for(cfg, given: str | None, work: Path) -> tuple[str, str]:
 
 
 def clips_for(cfg, n: int):
-    """Held-out clips of the config's speech, else 1 s tones."""
+    """Up to ``n`` held-out clips of the config's speech, else 1 s tones."""
     import numpy as np
 
     from blsp_ray.io.storage import read_jsonl
@@ -66,9 +67,10 @@ def clips_for(cfg, n: int):
 
     manifest = Path(cfg.heldout_manifest() or "")
     if manifest.is_file():
-        return [load_audio(r["audio"]) for r in read_jsonl(manifest)[:n]], f"{n} held-out clips of {manifest}"
+        rows = read_jsonl(manifest)[:n]
+        return [load_audio(r["audio"]) for r in rows], f"{len(rows)} held-out clips of {manifest}"
     t = np.arange(16000) / 16000
-    return [(0.3 * np.sin(2 * np.pi * (200 + 20 * i) * t)).astype(np.float32) for i in range(n)], f"{n} 1 s tones"
+    return [(0.3 * np.sin(2 * np.pi * (200 + i) * t)).astype(np.float32) for i in range(n)], f"{n} 1 s tones"
 
 
 async def drive(answer, prompts: list, concurrency: int) -> dict:
@@ -92,13 +94,22 @@ async def drive(answer, prompts: list, concurrency: int) -> dict:
 
 
 def measure(name: str, answer, turns: list, levels: list[int], per_level: int) -> list[dict]:
-    """Every level in one event loop (an AsyncLLM stays with the loop it first ran on)."""
+    """Every level in one event loop (an AsyncLLM stays with the loop it first ran on). Each request
+    takes the next clip, so no level is served from vLLM's multimodal caches of an earlier one
+    (they repeat only when ``turns`` runs out, which the summary line says)."""
+    position = 0
+
+    def take(k: int) -> list:
+        nonlocal position
+        out = [turns[(position + i) % len(turns)] for i in range(k)]
+        position += k
+        return out
 
     async def levels_in_turn() -> list[dict]:
-        await drive(answer, turns[:2], 2)  # warm-up
+        await drive(answer, take(2), 2)  # warm-up
         rows = []
         for c in levels:
-            r = await drive(answer, [turns[i % len(turns)] for i in range(max(per_level, c))], c)
+            r = await drive(answer, take(max(per_level, c)), c)
             rows.append(r)
             print(f"[{name}] c={c:>2} {r['req_s']:.2f} req/s  p50 {r['p50_s']:.3f}s  p95 {r['p95_s']:.3f}s  {r['tok_s']:.1f} tok/s "
                   f"({r['mean_tokens']:.1f} tok/req)", flush=True)
@@ -204,9 +215,11 @@ def main() -> None:
         os.environ.setdefault(key, str(work / sub))
     cfg = load_config(args.config)
     checkpoint, what = checkpoint_for(cfg, args.checkpoint, work)
-    waves, which = clips_for(cfg, 32)
-    turns = [ChatTurn(INSTRUCTION, w) for w in waves]
     levels = [int(c) for c in args.concurrency.split(",")]
+    needed = 2 + sum(max(args.requests_per_level, c) for c in levels)
+    waves, which = clips_for(cfg, needed)
+    which += "" if len(waves) >= needed else f" (fewer than the {needed} requests: later ones repeat clips)"
+    turns = [ChatTurn(INSTRUCTION, w) for w in waves]
     settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=0.0)
     serve_cfg = cfg.serve.model_copy(update={"max_new_tokens": args.max_tokens})
     torch.set_num_threads(os.cpu_count())
