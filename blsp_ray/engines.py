@@ -325,8 +325,11 @@ class AsyncVllmEngine:
 
         inputs = prompt.vllm_input() if isinstance(prompt, AudioPrompt) else {"prompt_token_ids": list(prompt)}
         params = vllm_sampling_params(settings or self.settings, output_kind=RequestOutputKind.DELTA)  # new text only
+        # The renderer processes the prompt (the clips' audio included) on its worker threads, as vLLM's
+        # own server does, not on this event loop where the other requests' outputs are streamed.
+        (engine_input,) = await self.llm.renderer.render_cmpl_async([inputs])
         text, ids, prompt_tokens = [], [], None
-        async with contextlib.aclosing(self.llm.generate(inputs, params, request_id or uuid.uuid4().hex)) as outputs:
+        async with contextlib.aclosing(self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex)) as outputs:
             async for out in outputs:
                 piece = out.outputs[0]
                 text.append(piece.text)
