@@ -172,22 +172,23 @@ class SpeechLM:
         embeds, mask = self._splice(batch, *self._speech_embeddings(speech))  # [B, L, H], [B, L]
         return [embeds[i, : int(mask[i].sum())].float() for i in range(embeds.shape[0])]
 
+    def turn_ids(self, turns: Sequence[ChatTurn], header: str = "") -> list[tuple[list[int], list[int]]]:
+        """Each turn's (prefix ids, suffix ids), its speech (if any) going between them, laid out by
+        the checkpoint's prompt format; the conversation is their concatenation, in order."""
+        if not turns:
+            raise ValueError("a conversation needs at least one turn")
+        out = []
+        for i, turn in enumerate(turns):
+            prefix, suffix = self.processor.prompts.chat_turn_parts(turn.instruction, turn.reply, header, first=i == 0)
+            out.append((self.tokenizer(prefix, add_special_tokens=i == 0)["input_ids"],  # BOS once
+                        self.tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+        return out
+
     @torch.no_grad()
     def prompt_embeds(self, turns: Sequence[ChatTurn], header: str = "") -> torch.Tensor:
         """The conversation as LM input embeddings [L, hidden], ending where the reply starts."""
-        if not turns:
-            raise ValueError("a conversation needs at least one turn")
-        examples = []
-        for i, turn in enumerate(turns):
-            prefix, suffix = self.processor.prompts.chat_turn_parts(turn.instruction, turn.reply, header, first=i == 0)
-            suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
-            examples.append(
-                {
-                    "prefix_ids": self.tokenizer(prefix, add_special_tokens=i == 0)["input_ids"],  # BOS once
-                    "suffix_ids": suffix_ids,
-                    "suffix_labels": [IGNORE] * len(suffix_ids),
-                }
-            )
+        examples = [{"prefix_ids": prefix, "suffix_ids": suffix, "suffix_labels": [IGNORE] * len(suffix)}
+                    for prefix, suffix in self.turn_ids(turns, header)]
         batch = self.processor.collate_speech(examples)
         speech_embeds = speech_lengths = None
         with_speech = [i for i, t in enumerate(turns) if t.speech is not None]
@@ -213,18 +214,11 @@ class SpeechLM:
 
     def audio_prompt(self, turns: Sequence[ChatTurn], header: str = "") -> AudioPrompt:
         """The conversation as token ids ending where the reply starts, a speech token where each
-        turn's speech goes, and the turns' clips in order: ``prompt_embeds``'s layout."""
-        if not turns:
-            raise ValueError("a conversation needs at least one turn")
-        ids, audio = [], []
-        for i, turn in enumerate(turns):
-            prefix, suffix = self.processor.prompts.chat_turn_parts(turn.instruction, turn.reply, header, first=i == 0)
-            ids += self.tokenizer(prefix, add_special_tokens=i == 0)["input_ids"]  # BOS once
-            if turn.speech is not None:
-                ids.append(self.speech_token_id)
-                audio.append(turn.speech)
-            ids += self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        return AudioPrompt(ids, audio)
+        turn's speech goes, and the turns' clips in order: ``prompt_embeds``'s layout (``turn_ids``)."""
+        ids = []
+        for turn, (prefix, suffix) in zip(turns, self.turn_ids(turns, header)):
+            ids += prefix + ([self.speech_token_id] if turn.speech is not None else []) + suffix
+        return AudioPrompt(ids, [t.speech for t in turns if t.speech is not None])
 
     # ---- generation -----------------------------------------------------------------------------
 

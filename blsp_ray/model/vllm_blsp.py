@@ -58,7 +58,7 @@ from blsp_ray.model.modeling import (
     read_speech_tokens,
     whisper_encode,
 )
-from blsp_ray.model.processing import log_mel
+from blsp_ray.model.processing import HOP_LENGTH, log_mel
 
 MAX_CLIP_S = 30  # Whisper's window: the longest clip one placeholder run stands for
 
@@ -149,7 +149,7 @@ class BlspProcessingInfo(BaseProcessingInfo):
         return {"audio": None}
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {"audio": speech_embedding_count(MAX_CLIP_S * SAMPLE_RATE // 160, self.get_hf_config())}
+        return {"audio": speech_embedding_count(MAX_CLIP_S * SAMPLE_RATE // HOP_LENGTH, self.get_hf_config())}
 
     def speech_token_id(self) -> int:
         return int(self.get_hf_config().speech_token_id)
@@ -172,20 +172,17 @@ class BlspDummyInputsBuilder(BaseDummyInputsBuilder[BlspProcessingInfo]):
 
 class BlspMultiModalProcessor(BaseMultiModalProcessor[BlspProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        """Audio items -> ``speech_features`` [n_mels, F_i] and ``speech_frames`` per clip (and, for
-        ``ctc_tokens``, ``speech_embeds`` [S_i, H]), each clip on its own as in training."""
+        """Audio items -> ``speech_features`` [n_mels, F_i] and ``speech_frames`` per clip, or for
+        ``ctc_tokens`` ``speech_embeds`` [S_i, H]; each clip on its own as in training."""
         config = self.info.get_hf_config()
         extractor = self.info.get_feature_extractor()
-        features, frames = [], []
-        for wave in hf_data.get("audio", []):
-            speech = log_mel(extractor, [np.asarray(wave, dtype=np.float32)], config.pad_audio_to_30s)
-            features.append(speech.features[0])
-            frames.append(int(speech.frame_lengths[0]))
-        out = {"speech_features": features, "speech_frames": torch.tensor(frames)}
-        if config.speech_positions == "ctc_tokens":
+        speech = [log_mel(extractor, [np.asarray(wave, dtype=np.float32)], config.pad_audio_to_30s)
+                  for wave in hf_data.get("audio", [])]
+        if config.speech_positions == "ctc_tokens":  # the engine gets the embeddings, not the features
             reader = speech_reader(self.info.ctx.model_config.model)
-            out["speech_embeds"] = [reader(SpeechBatch(f[None], torch.tensor([n])))[0] for f, n in zip(features, frames)]
-        return BatchFeature(out)
+            return BatchFeature({"speech_embeds": [reader(s)[0] for s in speech]})
+        return BatchFeature({"speech_features": [s.features[0] for s in speech],
+                             "speech_frames": torch.tensor([int(s.frame_lengths[0]) for s in speech])})
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
