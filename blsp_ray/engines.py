@@ -527,6 +527,13 @@ def engine_pool(cfg: EngineConfig, calls_in_flight: int | None = None):
                                       max_concurrent_calls_per_actor=calls_in_flight)
 
 
+def replica_args(cfg: BatchEngineConfig) -> dict:
+    """Ray Data ``map_batches`` arguments of an engine replica: what it reserves, and the threads it
+    computes on (``threads_per_replica``)."""
+    return dict(num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica,
+                resources=dict(cfg.resources_per_replica) or None, runtime_env={"env_vars": cfg.replica_env()})
+
+
 def build_engine(cfg: EngineConfig, model_path: str, settings: GenerationSettings | None = None,
                  dtype: str = "float32") -> TextEngine:
     """The engine ``cfg.engine`` names, loaded from a Hugging Face LM directory."""

@@ -63,7 +63,7 @@ class BlspEngine:
     def __init__(self, checkpoint: str, settings: dict, dtype: str = "float32", s3: dict | None = None):
         self.cfg = ServeConfig(**settings)
         if self.cfg.gpus_per_replica == 0:
-            torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))
+            torch.set_num_threads(self.cfg.replica_threads())
         # The checkpoint may be s3://: each replica's node makes its own local copy.
         local = local_checkpoint(checkpoint, S3Config(**s3) if s3 else None)
         device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
@@ -412,7 +412,8 @@ def build_app(cfg: BlspRayConfig, checkpoint: str | None = None):
         },
         max_ongoing_requests=sc.max_ongoing_requests,
         max_queued_requests=sc.max_queued_requests,
-        ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica, "runtime_env": runtime_env},
+        ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica,
+                           "runtime_env": {"env_vars": {**runtime_env.get("env_vars", {}), **sc.replica_env()}}},
     ).bind(checkpoint, sc.model_dump(), sc.engine_dtype(cfg.model), cfg.cluster.s3.model_dump())
     return ChatIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind(engine, sc.model_dump())
 

