@@ -243,7 +243,7 @@ class DataConfig(_Section):
     max_duration_s: float = Field(30.0, gt=0.0)  # the original drops clips of 30 s or longer
     max_stage1_tokens: int = 384
     # Offline preprocessing (stage-2 shards).
-    preprocess_inputs: list[LocalOrS3Path] = Field(default_factory=list)  # jsonl files / parquet files or dirs; []: the label stage's shards
+    preprocess_inputs: list[LocalOrS3Path] = Field(default_factory=list)  # jsonl files / parquet files or dirs; []: the label stage's shards (the ASR manifests when nothing is labelled)
     preprocess_output: LocalOrS3Path | None = None  # None: RunLayout.preprocessed
     instruction: str | None = None  # prompt instruction tokenised into the shards; None: stage2.instruction
     target_column: str = "continuation"  # the labelled continuation; "text" trains on transcripts
@@ -462,6 +462,11 @@ class BlspRayConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def labels_continuations(self) -> bool:
+        """Whether stage 2 trains on any continuation, so the label stage has work to do: not when
+        every clip learns to say its own transcript (``stage2.transcription_share: 1``)."""
+        return self.stage2.transcription_share < 1
 
     def heldout_manifest(self) -> str | None:
         """Held-out speech the run is evaluated on: ``generate.input_file``, else the speech section's heldout.jsonl."""

@@ -275,11 +275,14 @@ def test_task_mixture_writes_each_rows_prompt_for_its_task(corpus, tiny_assets, 
 
 @pytest.mark.slow
 def test_ray_job_submit_preprocess(corpus, tiny_assets, ray_cluster, tmp_path):
+    """As a Ray job, with every clip learning its transcript (stage2.transcription_share: 1): nothing
+    is labelled, so the job reads the run's ASR manifests, not the label stage's shards."""
     manifest, good, bad = corpus
     cfg = make_cfg(tiny_assets, None)  # inside the job Ray comes from RAY_ADDRESS
     data = cfg.model_dump(mode="json")
     data["cluster"]["storage_root"], data["cluster"]["run_id"] = str(tmp_path / "runs"), "e2e"
-    data["data"]["preprocess_inputs"] = [str(manifest)]
+    data["data"]["asr_manifests"] = [str(manifest)]
+    data["stage2"]["transcription_share"] = 1.0
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -292,5 +295,9 @@ def test_ray_job_submit_preprocess(corpus, tiny_assets, ray_cluster, tmp_path):
     assert "[preprocess] kept" in proc.stdout
     out = tmp_path / "runs" / "e2e" / "preprocess" / "shards"  # RunLayout.preprocessed
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["kept"] == len(good) and summary["dropped"] == bad
-    assert sorted(read_shards(out).column("audio").to_pylist()) == sorted(good)
+    # the row without a continuation has a transcript: a transcription row like the rest
+    no_continuation = {k: v for k, v in bad.items() if k != "no_target"}
+    assert summary["kept"] == len(good) + 1 and summary["dropped"] == no_continuation
+    shards = read_shards(out)
+    assert set(shards.column("task").to_pylist()) == {"transcription"}
+    assert shards.column("target").to_pylist() == shards.column("text").to_pylist()

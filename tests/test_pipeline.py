@@ -51,3 +51,12 @@ def test_driver_resumes_after_a_stage_is_killed(ray_cluster, tmp_path):
     assert (probe_dir / "runs.log").read_text().count("run") == 2
     assert (tmp_path / "runs" / "tiny" / "assets" / "_COMPLETE").stat().st_mtime_ns == assets_marker
     assert run_pipeline(cfg, stages) == []
+
+
+def test_label_stage_runs_only_when_some_clip_learns_a_continuation():
+    def stages(share: float) -> list[str]:
+        cfg = load_config(REPO / "configs" / "mini.yaml", [f"stage2.transcription_share={share}"])
+        return [s.name for s in STAGES if s.enabled(cfg)]
+
+    assert "label" in stages(0.0) and "label" in stages(0.5)
+    assert stages(1.0) == [name for name in stages(0.5) if name != "label"]  # every clip learns its transcript

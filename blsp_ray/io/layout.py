@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blsp_ray.config import BlspRayConfig
+from blsp_ray.io.storage import list_dir
 
 COMPLETE = "_COMPLETE"  # marker a stage's directory gets when the stage has finished
 
@@ -61,3 +62,16 @@ class RunLayout:
     @property
     def evaluation(self) -> str:
         return join(self.root, "evaluate")
+
+
+def run_asr_manifests(cfg: BlspRayConfig) -> list[str]:
+    """The run's ASR manifests: ``label.manifests``, else the run's prepared manifests, else ``data.asr_manifests``."""
+    if cfg.label.manifests:
+        return list(cfg.label.manifests)
+    layout = RunLayout.of(cfg)
+    prepared = [join(layout.asr_manifests, n) for n in list_dir(layout.asr_manifests, cfg.cluster.s3) if n.endswith(".jsonl")]
+    if prepared:
+        return prepared
+    if cfg.data.asr_manifests:
+        return list(cfg.data.asr_manifests)
+    raise ValueError(f"no ASR manifests: set label.manifests or data.asr_manifests, or prepare {layout.asr_manifests}")

@@ -41,9 +41,9 @@ from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig, LabelConfig, S3Config
 from blsp_ray.drops import DropReason, RowDropped
 from blsp_ray.engines import GenerationSettings, TextEngine, build_engine, engine_pool, replica_args
-from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.io.layout import RunLayout, join, run_asr_manifests
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, read_rows
-from blsp_ray.io.storage import exists, list_dir, local_copy, open_input, open_output
+from blsp_ray.io.storage import exists, local_copy, open_input, open_output
 from blsp_ray.model.prompts import PromptFormat, continuation_prompt, make_prompt_format, stage2_task
 from blsp_ray.runtime import init_ray
 
@@ -206,19 +206,6 @@ class ShardWriter:
 # ---- the job ------------------------------------------------------------------------------------------
 
 
-def input_manifests(cfg: BlspRayConfig) -> list[str]:
-    """``label.manifests``, else the run's prepared manifests, else ``data.asr_manifests``."""
-    if cfg.label.manifests:
-        return list(cfg.label.manifests)
-    layout = RunLayout.of(cfg)
-    prepared = [join(layout.asr_manifests, n) for n in list_dir(layout.asr_manifests, cfg.cluster.s3) if n.endswith(".jsonl")]
-    if prepared:
-        return prepared
-    if cfg.data.asr_manifests:
-        return list(cfg.data.asr_manifests)
-    raise ValueError(f"no ASR manifests: set label.manifests or data.asr_manifests, or prepare {layout.asr_manifests}")
-
-
 def labelling_model(cfg: BlspRayConfig) -> str:
     """The stage-1 checkpoint when the run has one, else the configured LM."""
     stage1 = RunLayout.of(cfg).stage1_model
@@ -241,7 +228,7 @@ def run_label(cfg: BlspRayConfig) -> dict:
     t0 = time.time()
     lc, s3 = cfg.label, cfg.cluster.s3
     layout = RunLayout.of(cfg)
-    manifests = input_manifests(cfg)
+    manifests = run_asr_manifests(cfg)
     shards = plan_shards(manifests, lc.rows_per_shard, s3)
     done = committed(shards, stats_dir(cfg), STATS_SUFFIX, s3)
     todo = [s for s in shards if s.key not in done]

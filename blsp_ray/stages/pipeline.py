@@ -54,7 +54,7 @@ STAGES = [
     Stage("prepare_asr", "jobs.prepare_asr",
           enabled=lambda c: any((c.data.librispeech_dir, c.data.gigaspeech_dir, c.data.commonvoice_dir))),
     Stage("stage1", "jobs.stage1", enabled=lambda c: bool(c.data.alpaca_json)),
-    Stage("label", "jobs.label"),
+    Stage("label", "jobs.label", enabled=lambda c: c.labels_continuations()),
     Stage("preprocess", "jobs.preprocess"),
     Stage("stage2", "jobs.stage2"),
     Stage("generate", "jobs.generate", enabled=lambda c: c.heldout_manifest() is not None, args=_generate_args),

@@ -31,7 +31,7 @@ import ray
 from blsp_ray.cli import job_parser, load_job_config
 from blsp_ray.config import BlspRayConfig
 from blsp_ray.drops import DropReason, RowDropped
-from blsp_ray.io.layout import RunLayout, join
+from blsp_ray.io.layout import RunLayout, join, run_asr_manifests
 from blsp_ray.io.shards import Shard, Summary, committed, plan_shards, quiet_ray_data, read_rows
 from blsp_ray.io.storage import exists, is_s3, list_dir, open_input, open_output, write_text
 from blsp_ray.model.audio import SAMPLE_RATE, read_clip
@@ -216,10 +216,11 @@ def _remove_stale_temp_files(output: str) -> None:
 
 
 def preprocess(cfg: BlspRayConfig, inputs: list[str] | None = None, output: str | None = None) -> dict:
-    """Run the preprocessing over ``inputs`` (default: config, else the label stage's shards) into ``output``."""
+    """Run the preprocessing over ``inputs`` (default: config, else the label stage's shards, else, when
+    no clip is labelled, the run's ASR manifests) into ``output``."""
     layout = RunLayout.of(cfg)
     s3 = cfg.cluster.s3
-    inputs = inputs or cfg.data.preprocess_inputs or [layout.labels]
+    inputs = inputs or cfg.data.preprocess_inputs or ([layout.labels] if cfg.labels_continuations() else run_asr_manifests(cfg))
     output = output or cfg.data.preprocess_output or layout.preprocessed
     t0 = time.time()
     files = expand_inputs(inputs, s3)
