@@ -68,7 +68,7 @@ class Stage1Task:
 
     phases = [Phase(0, 1.0, "instruction tuning (CE on the response)")]
 
-    def dataset(self) -> ray.data.Dataset:
+    def dataset(self) -> tuple[ray.data.Dataset, int]:
         path = self.layout.stage1_data
         ds = ray.data.read_json(path, lines=True)
         ds = ds.map_batches(
@@ -80,7 +80,8 @@ class Stage1Task:
         )
         # Token ids are small (Alpaca's 52k rows: at most ~300 MB): tokenised once, counted and read
         # by every epoch from the object store, instead of read and tokenised again for each.
-        return ds.materialize()
+        ds = ds.materialize()
+        return ds, ds.count()
 
     # -- worker side --
 

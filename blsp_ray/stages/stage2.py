@@ -154,9 +154,10 @@ class Stage2Task:
         # Without a warm-up objective_lr is unset (the config refuses it), so the scale is 1.
         return warm_up + [Phase(t.alignment_steps, (t.objective_lr or t.lr) / t.lr, f"adapter: {objective}")]
 
-    def dataset(self) -> ray.data.Dataset:
+    def dataset(self) -> tuple[ray.data.Dataset, int]:
         columns = ["waveform", "task", "prefix_ids", "suffix_ids", "suffix_labels"] + (["text"] if self.needs_transcripts else [])
         ds = ray.data.read_parquet(self.layout.preprocessed, columns=columns)
+        rows = ds.count()  # from the parquet footers; both maps below keep every row
         frames_per_embedding = subsampling_factor(len(self.cfg.model.conv_kernel_sizes.split(",")))
         ds = ds.map_batches(
             prepare_stage2,
@@ -167,7 +168,7 @@ class Stage2Task:
             batch_size=64,
         )
         if not self.train.cache_encoder_outputs:
-            return ds
+            return ds, rows
         model, data = self.cfg.model, self.cfg.data
         # A shard file is one block, and one task encodes a block: small blocks share the CPUs evenly
         # (3 shards on 2 CPUs left one encoding alone for a third of the time).
@@ -179,7 +180,7 @@ class Stage2Task:
             batch_size=16,
             num_cpus=data.cpus_per_worker,
         )
-        return ds.materialize()  # computed once here; every epoch reads the object store
+        return ds.materialize(), rows  # computed once here; every epoch reads the object store
 
     # -- worker side --
 

@@ -92,8 +92,10 @@ class Task(Protocol):
 
     # -- driver side --
 
-    def dataset(self) -> ray.data.Dataset:
-        """The training rows, with a ``length`` column for bucketing."""
+    def dataset(self) -> tuple[ray.data.Dataset, int]:
+        """The training rows, with a ``length`` column for bucketing, and how many there are: counted
+        without a pass over the rows where the source can tell (a corpus-scale stage 2 would read
+        every waveform once only to count them)."""
 
     # -- worker side --
 
@@ -408,8 +410,7 @@ def run_training(cfg: BlspRayConfig, task_cls: type[Task], inject_failure: dict 
     stage = task.name
     train = task.train
     with _rows_in_order():
-        dataset = task.dataset()
-    rows = dataset.count()
+        dataset, rows = task.dataset()
     max_workers = cfg.cluster.num_workers
     if rows < max_workers:
         raise ValueError(f"{stage}: {rows} training rows for {max_workers} workers")
