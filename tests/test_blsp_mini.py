@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the whole reduced pipeline: about 10 min on 2 CPUs; the suite's limit is 15
+@pytest.mark.timeout(1800)  # the whole reduced pipeline: about 8 min on 2 CPUs; the suite's limit is 15
 def test_trained_adapter_beats_untrained_and_shuffled_on_heldout_voices(ray_cluster, mini_assets, tmp_path):
     cfg = load_config(REPO / "configs" / "mini.yaml", [
         f"cluster.address={ray_cluster.dashboard_url}",
