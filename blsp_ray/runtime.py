@@ -10,6 +10,7 @@ such a cluster itself (``ray.init`` on its address) calls ``loopback_env()`` fir
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -153,20 +154,42 @@ def submit_stage(client: JobSubmissionClient, stage: str, command: list[str], en
     )
 
 
-def follow_job(client: JobSubmissionClient, job_id: str) -> JobStatus:
-    """Stream a job's logs to stdout until it ends; its final status."""
+def follow_job(client: JobSubmissionClient, job_id: str, poll_s: float = 0.5) -> JobStatus:
+    """Stream a job's logs to stdout until it ends; its final status.
 
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            sys.stdout.write(lines)
-            sys.stdout.flush()
+    Ray's log tail closes seconds after the job has ended (its job manager and its file tail each
+    sleep a second between reads before they believe the job is over: 5 s for a job that ran 1 s), so
+    the status is polled beside it; once the job is terminal the tail is dropped and the rest of the
+    log is read whole (the tail's chunks are the log's text in order, so what was printed is a prefix).
+    """
 
-    asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    while not status.is_terminal():
-        time.sleep(0.5)
-        status = client.get_job_status(job_id)
-    return status
+    async def follow() -> JobStatus:
+        printed = 0
+
+        async def tail() -> None:
+            nonlocal printed
+            async for lines in client.tail_job_logs(job_id):
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+                printed += len(lines)
+
+        tailing = asyncio.create_task(tail())
+        status = await asyncio.to_thread(client.get_job_status, job_id)
+        while not status.is_terminal():
+            await asyncio.sleep(poll_s)
+            status = await asyncio.to_thread(client.get_job_status, job_id)
+        if not tailing.done():
+            tailing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tailing
+        elif tailing.exception() is not None:
+            print(f"(log tail of {job_id} failed: {tailing.exception()!r}; the rest of its log follows)", flush=True)
+        rest = (await asyncio.to_thread(client.get_job_logs, job_id))[printed:]
+        sys.stdout.write(rest)
+        sys.stdout.flush()
+        return status
+
+    return asyncio.run(follow())
 
 
 def job_env(cfg) -> dict[str, str]:

@@ -60,3 +60,25 @@ def test_label_stage_runs_only_when_some_clip_learns_a_continuation():
 
     assert "label" in stages(0.0) and "label" in stages(0.5)
     assert stages(1.0) == [name for name in stages(0.5) if name != "label"]  # every clip learns its transcript
+
+
+def test_follow_job_prints_the_whole_log_and_returns_the_status(ray_cluster, capsys):
+    """The driver stops following a job when its status is terminal, not when Ray's log tail closes:
+    what it printed is still the job's whole log, in order, and the status is the job's."""
+    import sys
+
+    from blsp_ray.runtime import follow_job, submit_stage
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    script = ("import sys, time\n"
+              "for i in range(300):\n"
+              "    print(f'line {i} ' + 'é' * (i % 3), flush=True)\n"
+              "    if i % 100 == 99: time.sleep(0.5)\n"
+              "print('last line, no newline', end='', flush=True)\n"
+              "sys.exit(3)\n")
+    job_id = submit_stage(client, "follow", [sys.executable, "-c", script], {})
+    capsys.readouterr()
+    assert follow_job(client, job_id) == JobStatus.FAILED
+    printed = capsys.readouterr().out
+    assert printed == client.get_job_logs(job_id)
+    assert printed.count("\n") >= 300 and printed.endswith("last line, no newline")
