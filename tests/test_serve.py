@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -545,7 +546,7 @@ def test_costly_bodies_are_refused_fast_with_bounded_memory(app):
         assert all(g < 100 for g in growth.values()), growth
 
 
-def test_a_failed_start_leaves_no_process_behind(ray_cluster, checkpoint, tiny_assets, tmp_path):
+def test_a_failed_start_leaves_no_process_behind(checkpoint, tiny_assets, tmp_path):
     """``python -m serve`` with its token variable unset exits with the reason, and the local Ray it
     started (head, dashboard, client server, workers) ends with it."""
     import sys
@@ -562,24 +563,33 @@ def test_a_failed_start_leaves_no_process_behind(ray_cluster, checkpoint, tiny_a
         "serve": {"checkpoint": str(checkpoint), "engine": "transformers", "cpus_per_replica": 0.5,
                   "auth_token_env": unset, "port": free_port()},
     }))
-    session = str(ray_cluster.temp_dir)
+    # The processes the command starts carry this variable (Ray's head, its services and its workers
+    # inherit the environment), so other Ray clusters on the machine (another test session's) are not counted.
+    mark = f"BLSP_FAILED_START_{uuid.uuid4().hex}"
 
     def ray_processes() -> dict[int, str]:
         found = {}
         for p in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if "ray" in cmdline and session not in cmdline and p.pid != os.getpid():
-                found[p.pid] = cmdline
+            try:
+                if mark in p.environ():
+                    found[p.pid] = " ".join(p.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
         return found
 
-    before = ray_processes()
-    env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")}
-    run = subprocess.run([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")} | {mark: "1"}
+    seen: set[str] = set()  # the marked processes while it ran: the mark does reach Ray's processes
+    with subprocess.Popen([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+        while run.poll() is None:
+            seen.update(c.split()[0] for c in ray_processes().values() if c)
+            time.sleep(0.5)
+        output = run.stdout.read()
     assert run.returncode != 0
-    assert unset in run.stdout + run.stderr, (run.stdout + run.stderr)[-2000:]
+    assert unset in output, output[-2000:]
+    assert any("raylet" in name for name in seen) and any("gcs_server" in name for name in seen), seen
     deadline = time.time() + 15
-    while (left := {pid: c for pid, c in ray_processes().items() if pid not in before}) and time.time() < deadline:
+    while (left := ray_processes()) and time.time() < deadline:
         time.sleep(1)
     assert left == {}, [c[:200] for c in left.values()]
 
