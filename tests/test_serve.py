@@ -567,7 +567,7 @@ def test_a_failed_start_leaves_no_process_behind(checkpoint, tiny_assets, tmp_pa
     # inherit the environment), so other Ray clusters on the machine (another test session's) are not counted.
     mark = f"BLSP_FAILED_START_{uuid.uuid4().hex}"
 
-    def ray_processes() -> dict[int, str]:
+    def marked_processes() -> dict[int, str]:
         found = {}
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
@@ -579,17 +579,22 @@ def test_a_failed_start_leaves_no_process_behind(checkpoint, tiny_assets, tmp_pa
 
     env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")} | {mark: "1"}
     seen: set[str] = set()  # the marked processes while it ran: the mark does reach Ray's processes
-    with subprocess.Popen([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
-        while run.poll() is None:
-            seen.update(c.split()[0] for c in ray_processes().values() if c)
+    log = tmp_path / "serve.log"  # a file, not a pipe: a pipe read only at exit would fill and stall the command
+    with open(log, "w") as out, subprocess.Popen([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO,
+                                                 env=env, stdout=out, stderr=subprocess.STDOUT) as run:
+        deadline = time.time() + 300
+        while run.poll() is None and time.time() < deadline:
+            seen.update(c.split()[0] for c in marked_processes().values() if c)
             time.sleep(0.5)
-        output = run.stdout.read()
+        if run.poll() is None:
+            run.kill()
+            pytest.fail(f"python -m serve did not exit in 300 s:\n{log.read_text()[-2000:]}")
+    output = log.read_text()
     assert run.returncode != 0
     assert unset in output, output[-2000:]
     assert any("raylet" in name for name in seen) and any("gcs_server" in name for name in seen), seen
     deadline = time.time() + 15
-    while (left := ray_processes()) and time.time() < deadline:
+    while (left := marked_processes()) and time.time() < deadline:
         time.sleep(1)
     assert left == {}, [c[:200] for c in left.values()]
 
