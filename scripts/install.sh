@@ -18,6 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 uv_args=(-q --python "$VENV/bin/python" --compile-bytecode --index-strategy unsafe-best-match)
 while IFS= read -r line; do
   key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+  value=${value//\\n/ }  # a multi-line setting prints its line breaks as \n
   case $key in
     find-links|constraint|index-url|extra-index-url) for v in $value; do uv_args+=("--$key" "$v"); done ;;
   esac
