@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,77 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@dataclass
+class S3Run:
+    """The tiny pipeline's run on S3: its config, the stages it ran, and a client for its objects."""
+
+    cfg: object  # BlspRayConfig
+    ran: list[str]
+    s3: object  # boto3 S3 client
+    bucket: str
+    prefix: str  # "runs/<run_id>/"
+    speech: Path  # the run's speech (local: the speech stage writes next to the driver)
+
+    def keys(self) -> set[str]:
+        found = set()
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            found.update(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
+        return found
+
+    def read(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+
+    def download(self, dest: Path) -> Path:
+        """The run's objects under ``dest``, laid out as a local run dir (copied as the library copies
+        checkpoints: pyarrow's S3 filesystem, ``blsp_ray.io.storage.local_copy``)."""
+        from pyarrow import fs
+
+        from blsp_ray.io.storage import s3_filesystem
+
+        fs.copy_files(f"{self.bucket}/{self.prefix}", str(dest), source_filesystem=s3_filesystem(self.cfg.cluster.s3),
+                      destination_filesystem=fs.LocalFileSystem())
+        return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_s3_run(ray_cluster, s3_server, tiny_assets, tmp_root) -> S3Run:
+    """configs/tiny.yaml's whole pipeline, every stage a Ray job on the session's cluster, with its run
+    dir on S3 (moto). Run once: tests/test_pipeline_s3.py checks the run, tests/test_train.py reads
+    the stage-1 and stage-2 training it did."""
+    import boto3
+
+    from blsp_ray.config import load_config
+    from blsp_ray.stages.pipeline import run_pipeline
+
+    bucket = "blsp-runs"
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket=bucket)
+    run_id = f"s3-e2e-{uuid.uuid4().hex[:8]}"
+    root = tmp_root / "s3-run"
+    speech = root / "speech"
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"cluster.address={ray_cluster.dashboard_url}",
+        f"cluster.storage_root=s3://{bucket}/runs",
+        f"cluster.run_id={run_id}",
+        f"cluster.s3.endpoint_url={s3_server}",
+        "cluster.s3.region=us-east-1",
+        # The session cluster started before the S3 server: the jobs get its credentials here.
+        "cluster.env_vars.AWS_ACCESS_KEY_ID=test",
+        "cluster.env_vars.AWS_SECRET_ACCESS_KEY=test",
+        f"cluster.env_vars.BLSP_MODEL_CACHE={root / 'model-cache'}",
+        # the session's tiny models: the assets stage finds them built
+        f"assets.out_dir={tiny_assets}",
+        f"model.lm_path={tiny_assets / 'lm'}",
+        f"model.whisper_path={tiny_assets / 'whisper'}",
+        f"speech.out_dir={speech}",
+        "speech.num_sentences=10",
+        f"data.alpaca_json={speech / 'alpaca_data.json'}",
+        f"label.manifests=[{speech / 'train.jsonl'}]",
+        # stage 1 as configs/tiny.yaml (fewer steps leave an LM that stops at once: no continuations);
+        # stage 2 long enough for its loss to fall, with two checkpoints
+        "stage2.max_steps=8", "stage2.save_every=4", "stage2.log_every=2", "stage2.lr=3e-3", "stage2.warmup_steps=2",
+        "label.max_new_tokens=8", "generate.max_new_tokens=8",
+    ])
+    return S3Run(cfg=cfg, ran=run_pipeline(cfg), s3=s3, bucket=bucket, prefix=f"runs/{run_id}/", speech=speech)

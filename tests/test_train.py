@@ -1,38 +1,36 @@
 """Stage 1 and stage 2 training on the session's local Ray cluster (2 CPU workers, gloo, DeepSpeed).
 
-The two jobs run once each through ``ray job submit`` (module fixtures) and the tests read what
-they left; ZeRO-2/3 and the fault test run the library in-process on the same cluster.
+The two trainings the tests read are the tiny S3 pipeline's (``tiny_s3_run``: stage 1 then stage 2,
+each a Ray job, run dir on S3), downloaded; ZeRO-2/3 and the fault test run the library in-process
+on the same cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from blsp_ray.model.audio import load_audio
 from blsp_ray.config import config_from_dict
-from blsp_ray.demo.corpus import make_instructions
 from blsp_ray.io.layout import COMPLETE, RunLayout
+from blsp_ray.model.modeling import adapter_metadata
 from blsp_ray.model.processing import BlspProcessor
-from blsp_ray.io.storage import read_jsonl, write_jsonl
+from blsp_ray.io.storage import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
-STEPS = 16
 
 
 def make_config(root: Path, assets: Path, run_id: str, **stage_overrides) -> dict:
-    train = {"lr": 2e-3, "warmup_steps": 2, "max_steps": STEPS, "micro_batch_size": 4, "log_every": 2,
+    train = {"lr": 2e-3, "warmup_steps": 2, "max_steps": 16, "micro_batch_size": 4, "log_every": 2,
              "save_every": 8, "zero_stage": 1, "max_failures": 1}
     return {
         "cluster": {"storage_root": str(root), "run_id": run_id, "num_workers": 2,
@@ -45,70 +43,39 @@ def make_config(root: Path, assets: Path, run_id: str, **stage_overrides) -> dic
     }
 
 
-def write_stage1_data(layout: RunLayout, n: int = 64) -> None:
-    rows = [{"instruction": f"{r['instruction']} {r['input']}", "output": r["output"]} for r in make_instructions(n)]
-    write_jsonl(layout.stage1_data, rows)
-
-
-def write_stage2_shards(layout: RunLayout, manifest: Path, lm_path: Path, whisper_path: Path) -> None:
-    """The preprocessed-shard contract, made from the espeak corpus (target: the transcript)."""
-    proc = BlspProcessor.from_paths(lm_path, whisper_path)
-    rows = []
-    for r in read_jsonl(manifest):
-        wav = load_audio(r["audio"])
-        ids = proc.speech_prompt(INSTRUCTION, r["text"])
-        rows.append({"audio": r["audio"], "text": r["text"], "task": "transcription", "target": r["text"],
-                     "duration": len(wav) / 16000, "waveform": wav.astype(np.float32), **ids})
-    out = Path(layout.preprocessed)
-    out.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("audio", pa.string()), ("text", pa.string()), ("task", pa.string()), ("target", pa.string()),
-                        ("duration", pa.float64()), ("waveform", pa.list_(pa.float32())), ("prefix_ids", pa.list_(pa.int64())),
-                        ("suffix_ids", pa.list_(pa.int64())), ("suffix_labels", pa.list_(pa.int64()))])
-    for i in range(0, len(rows), 8):
-        pq.write_table(pa.Table.from_pylist(rows[i : i + 8], schema=schema), out / f"shard-{i // 8:05d}.parquet")
-
-
-def submit(cluster, config: dict, path: Path, module: str) -> str:
-    path.write_text(yaml.safe_dump(config))
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.dashboard_url, "--",
-           "bash", "-c", f"cd {REPO} && {sys.executable} -m {module} --config {path}"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{module} job failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory):
     return tmp_path_factory.mktemp("train-runs")
 
 
 @pytest.fixture(scope="module")
-def jobs_run(ray_cluster, tiny_assets, speech_corpus, run_root):
-    """Stage 1 then stage 2 of one run, each submitted as a Ray job; stage 2 starts from stage 1's LM."""
-    config = make_config(run_root, tiny_assets, "jobs")
-    layout = RunLayout.of(config_from_dict(config))
-    write_stage1_data(layout)
-    log1 = submit(ray_cluster, config, run_root / "jobs.yaml", "jobs.stage1")
-    write_stage2_shards(layout, speech_corpus["train"], Path(layout.stage1_model), tiny_assets / "whisper")
-    log2 = submit(ray_cluster, config, run_root / "jobs.yaml", "jobs.stage2")
-    return config, layout, log1 + log2
+def trained_run(tiny_s3_run, run_root):
+    """The S3 run downloaded as a local run dir. Its stage-2 adapter names the stage-1 LM by its S3
+    URI (test_stage2_trains_only_adapter checks that on S3); the local copy names the local stage-1
+    LM, so the checkpoint loads here without S3."""
+    layout = RunLayout(str(tiny_s3_run.download(run_root / "s3-run")))
+    meta_file = Path(layout.stage2_model) / "blsp_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "lm_path": layout.stage1_model}))
+    return tiny_s3_run, layout
 
 
 def _history(export: str) -> list[dict]:
     return json.loads((Path(export) / "train_metrics.json").read_text())["history"]
 
 
-def test_stage1_trains_lm_and_exports(jobs_run, tiny_assets):
+def test_stage1_trains_lm_and_exports(trained_run, tiny_assets):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    _, layout, _ = jobs_run
+    run, layout = trained_run
+    stage1 = run.cfg.stage1
     export = Path(layout.stage1_model)
     assert (export / COMPLETE).exists() and (export / "loss_curve.png").stat().st_size > 1000
     history = _history(export)
-    assert [h["step"] for h in history] == list(range(2, STEPS + 1, 2))
+    assert [h["step"] for h in history] == list(range(stage1.log_every, stage1.max_steps + 1, stage1.log_every))
     assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
     metrics = json.loads((export / "train_metrics.json").read_text())
-    assert metrics["step"] == STEPS and metrics["tokens_per_s"] > 0 and metrics["samples_per_s"] > 0
+    assert metrics["step"] == stage1.max_steps and metrics["tokens_per_s"] > 0 and metrics["samples_per_s"] > 0
     trained = LlamaForCausalLM.from_pretrained(export)
     base = LlamaForCausalLM.from_pretrained(tiny_assets / "lm")
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
@@ -116,43 +83,45 @@ def test_stage1_trains_lm_and_exports(jobs_run, tiny_assets):
     assert AutoTokenizer.from_pretrained(export).eos_token == "</s>"
 
 
-def test_stage2_trains_only_adapter(jobs_run, tiny_assets):
+def test_stage2_trains_only_adapter(trained_run):
     from blsp_ray.model.modeling import build_blsp_from_parts
     from blsp_ray.stages.stage2 import FROZEN_DIGEST, frozen_digest
 
-    _, layout, _ = jobs_run
+    run, layout = trained_run
     export = Path(layout.stage2_model)
     assert (export / COMPLETE).exists() and (export / "loss_curve.png").exists()
     history = _history(export)
     assert history[-1]["loss"] < history[0]["loss"], history
-    meta = json.loads((export / "blsp_adapter.json").read_text())
-    assert meta["lm_path"] == str(Path(layout.stage1_model).resolve())  # stage 2 started from stage 1
+    on_s3 = json.loads(run.read("stage2/model/blsp_adapter.json"))
+    assert on_s3["lm_path"] == f"s3://{run.bucket}/{run.prefix}stage1/model"  # stage 2 started from stage 1
     # The workers' encoder + LM at the end of training, hashed, equal the checkpoints on disk.
-    fresh = build_blsp_from_parts(layout.stage1_model, tiny_assets / "whisper", adapter_inner_dim=32)
+    meta = adapter_metadata(export)
+    fresh = build_blsp_from_parts(**meta)
     assert json.loads((export / FROZEN_DIGEST).read_text()) == frozen_digest(fresh)
     from safetensors.torch import load_file
 
     trained = load_file(export / "adapter.safetensors")
     torch.manual_seed(0)  # the workers' seed: the adapter they started from
-    start = build_blsp_from_parts(layout.stage1_model, tiny_assets / "whisper", adapter_inner_dim=32).adapter_state_dict()
+    start = build_blsp_from_parts(**meta).adapter_state_dict()
     assert set(trained) == set(start)
     assert all(not torch.equal(trained[k], start[k]) for k in trained)
 
 
-def test_stage2_checkpoint_gives_same_logits_in_another_process(jobs_run, tiny_assets, speech_corpus, tmp_path):
+def test_stage2_checkpoint_gives_same_logits_in_another_process(trained_run, speech_corpus, tmp_path):
     """load_blsp(export) in a fresh process == the adapter in the DeepSpeed state training left."""
     from blsp_ray.model.modeling import build_blsp_from_parts
 
-    _, layout, _ = jobs_run
-    ckpts = sorted(p for p in Path(layout.stage("stage2"), "ray", "jobs").glob("checkpoint_*") if p.is_dir())
+    run, layout = trained_run
+    ckpts = sorted(p for p in Path(layout.stage("stage2"), "ray", run.cfg.cluster.run_id).glob("checkpoint_*") if p.is_dir())
     ds_dir = ckpts[-1] / "deepspeed"
     tag = (ds_dir / "latest").read_text().strip()
     module_state = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model = build_blsp_from_parts(layout.stage1_model, tiny_assets / "whisper", adapter_inner_dim=32).eval()
+    meta = adapter_metadata(layout.stage2_model)
+    model = build_blsp_from_parts(**meta).eval()
     missing, unexpected = model.load_state_dict(module_state, strict=False)
     assert not unexpected and not [k for k in missing if k.startswith(("subsampler.", "adapter.", "speech_ln."))]
     row = read_jsonl(speech_corpus["heldout"])[0]
-    proc = BlspProcessor.from_paths(layout.stage1_model, tiny_assets / "whisper")
+    proc = BlspProcessor.from_paths(layout.stage1_model, meta["whisper_path"])
     batch = proc.collate_speech([proc.speech_prompt(INSTRUCTION, row["text"])], [load_audio(row["audio"])])
     with torch.no_grad():
         expected = model(**batch).logits
@@ -165,29 +134,20 @@ def test_stage2_checkpoint_gives_same_logits_in_another_process(jobs_run, tiny_a
     )
     out = tmp_path / "logits.pt"
     subprocess.run([sys.executable, "-c", script, str(layout.stage2_model), layout.stage1_model,
-                    str(tiny_assets / "whisper"), row["text"], row["audio"], str(out)], check=True, cwd=REPO)
+                    str(meta["whisper_path"]), row["text"], row["audio"], str(out)], check=True, cwd=REPO)
     assert torch.equal(torch.load(out), expected)
 
 
-def _train(run_root, tiny_assets, run_id, stage, overrides, **kwargs):
-    from blsp_ray.stages.stage1 import Stage1Task
+@pytest.mark.parametrize(("zero_stage", "objective"), [(2, "ce+kl"), pytest.param(3, "ce", marks=pytest.mark.slow)])
+def test_zero_stages(trained_run, run_root, tiny_assets, speech_corpus, zero_stage, objective):
+    """ZeRO 2 and 3 (the pipeline ran ZeRO 1) on stage 2, on the pipeline's preprocessed shards:
+    train and export the adapter. ZeRO 2 also runs ce+kl, from cached encoder outputs, after a
+    2-step token-alignment warm-up, with held-out metrics at every report; ZeRO 3 keeps the
+    alignment on as an auxiliary loss, without a warm-up."""
     from blsp_ray.stages.stage2 import Stage2Task
     from blsp_ray.train.loop import run_training
 
-    cfg = config_from_dict(make_config(run_root, tiny_assets, run_id, **{stage: overrides}))
-    return cfg, run_training(cfg, {"stage1": Stage1Task, "stage2": Stage2Task}[stage], **kwargs)
-
-
-@pytest.mark.parametrize(("zero_stage", "objective"), [(2, "ce+kl"), pytest.param(3, "ce", marks=pytest.mark.slow)])
-def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage, objective):
-    """ZeRO 2 and 3 (the jobs ran ZeRO 1) on stage 2: train and export the adapter. ZeRO 2 also runs
-    ce+kl, from cached encoder outputs, after a 2-step token-alignment warm-up, with held-out
-    metrics at every report; ZeRO 3 keeps the alignment on as an auxiliary loss, without a warm-up."""
-    import shutil
-
-    from blsp_ray.train.loop import run_training
-
-    _, layout, _ = jobs_run
+    _, layout = trained_run
     run_id = f"zero{zero_stage}"
     target = RunLayout(str(run_root / run_id))
     shutil.copytree(layout.stage("preprocess"), target.stage("preprocess"))
@@ -198,7 +158,6 @@ def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage,
         stage2.update(alignment_weight=0.5)
     config = make_config(run_root, tiny_assets, run_id, stage2=stage2)
     config["generate"] = {"input_file": str(speech_corpus["heldout"])}  # the held-out clips eval_rows reads
-    from blsp_ray.stages.stage2 import Stage2Task
 
     result = run_training(config_from_dict(config), Stage2Task)
     steps = 6 if zero_stage == 2 else 4  # the alignment warm-up comes on top of max_steps
@@ -220,25 +179,34 @@ def test_zero_stages(jobs_run, run_root, tiny_assets, speech_corpus, zero_stage,
     assert (Path(result.export_dir) / "adapter.safetensors").exists()
 
 
-def test_fault_resumes_from_last_checkpoint(jobs_run, run_root, tiny_assets):
-    """A worker raises at step 10; the run resumes from the step-8 checkpoint and ends at the same step
-    count, with the losses of the uninterrupted run (the jobs' stage 1: same config, seed and data)."""
-    _, layout, _ = jobs_run
-    write_stage1_data(RunLayout(str(run_root / "fault")))
+def test_fault_resumes_from_last_checkpoint(trained_run, run_root):
+    """Stage 1 as the pipeline ran it (same config, seed and data), here with a worker that raises
+    one step after the first checkpoint: the run resumes from that checkpoint and ends at the same
+    step count, with the losses of the pipeline's uninterrupted run."""
+    from blsp_ray.stages.stage1 import Stage1Task
+    from blsp_ray.train.loop import run_training
+
+    run, layout = trained_run
+    data = run.cfg.model_dump(mode="json")
+    data["cluster"].update(storage_root=str(run_root), run_id="fault")
+    cfg = config_from_dict(data)
+    Path(RunLayout.of(cfg).stage1_data).parent.mkdir(parents=True)
+    shutil.copy(layout.stage1_data, RunLayout.of(cfg).stage1_data)
+    stage1 = cfg.stage1
     marker = run_root / "fault-injected"
-    _, result = _train(run_root, tiny_assets, "fault", "stage1", {},
-                       inject_failure={"step": 10, "rank": 1, "marker": str(marker)})
+    result = run_training(cfg, Stage1Task, inject_failure={"step": stage1.save_every + 1, "rank": 1, "marker": str(marker)})
     assert marker.exists()  # the failure happened
     uninterrupted = json.loads((Path(layout.stage1_model) / "train_metrics.json").read_text())
-    assert result.metrics["step"] == uninterrupted["step"] == STEPS
-    assert result.metrics["resumed_from"] == 8
+    assert result.metrics["step"] == uninterrupted["step"] == stage1.max_steps
+    assert result.metrics["resumed_from"] == stage1.save_every
     resumed = _history(result.export_dir)
-    assert [h["step"] for h in resumed] == list(range(2, STEPS + 1, 2))  # history restored from the checkpoint, no step twice
+    # history restored from the checkpoint, no step twice
+    assert [h["step"] for h in resumed] == list(range(stage1.log_every, stage1.max_steps + 1, stage1.log_every))
     # Same weights, optimiser state, LR position, data order and RNG after the resume: the same losses.
     # The tolerance leaves room for float reduction order only (the runs agree to ~1e-7 in practice).
     expected = {h["step"]: h["loss"] for h in uninterrupted["history"]}
-    after = [h for h in resumed if h["step"] > 8]
-    assert [h["loss"] for h in after] == pytest.approx([expected[h["step"]] for h in after], rel=1e-4), (resumed, uninterrupted["history"])
+    after = [h for h in resumed if h["step"] > stage1.save_every]
+    assert after and [h["loss"] for h in after] == pytest.approx([expected[h["step"]] for h in after], rel=1e-4), (resumed, uninterrupted["history"])
 
 
 def test_full_state_dict_gathers_zero3_weights(tmp_path):
