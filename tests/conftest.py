@@ -32,6 +32,9 @@ os.environ.update(
         "VLLM_CACHE_ROOT": str(_TMP / "vllm-cache"),
         "VLLM_RPC_BASE_PATH": str(_TMP / "vllm-rpc"),
         "TORCHINDUCTOR_CACHE_DIR": str(_TMP / "inductor"),
+        # node-local copies of checkpoints (vLLM exports, S3 copies): removed with the session's files,
+        # not left to pile up in /tmp/blsp-models run after run
+        "BLSP_MODEL_CACHE": str(_TMP / "model-cache"),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "0",
         # Ray reads this at import: without it 127.0.0.1 is rewritten to the machine's own address.
@@ -190,7 +193,6 @@ def tiny_s3_run(ray_cluster, s3_server, tiny_assets, tmp_root) -> S3Run:
         # The session cluster started before the S3 server: the jobs get its credentials here.
         "cluster.env_vars.AWS_ACCESS_KEY_ID=test",
         "cluster.env_vars.AWS_SECRET_ACCESS_KEY=test",
-        f"cluster.env_vars.BLSP_MODEL_CACHE={root / 'model-cache'}",
         # the session's tiny models: the assets stage finds them built
         f"assets.out_dir={tiny_assets}",
         f"model.lm_path={tiny_assets / 'lm'}",
