@@ -21,7 +21,7 @@ import torch
 from blsp_ray.model.audio import load_audio
 from blsp_ray.config import config_from_dict
 from blsp_ray.io.layout import COMPLETE, RunLayout
-from blsp_ray.model.modeling import adapter_metadata
+from blsp_ray.model.modeling import ADAPTER_CONFIG, adapter_metadata
 from blsp_ray.model.processing import BlspProcessor
 from blsp_ray.io.storage import read_jsonl
 
@@ -29,17 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 INSTRUCTION = "Continue the following text in a coherent and engaging style with less than 40 words."
 
 
-def make_config(root: Path, assets: Path, run_id: str, **stage_overrides) -> dict:
-    train = {"lr": 2e-3, "warmup_steps": 2, "max_steps": 16, "micro_batch_size": 4, "log_every": 2,
-             "save_every": 8, "zero_stage": 1, "max_failures": 1}
+def stage2_config(root: Path, assets: Path, run_id: str, stage2: dict) -> dict:
+    """A stage-2 run of its own (the ZeRO tests): ``stage2`` overrides the defaults below."""
     return {
         "cluster": {"storage_root": str(root), "run_id": run_id, "num_workers": 2,
                     # half a CPU each: the 2-CPU test cluster keeps one CPU for Ray Data's read tasks
                     "resources_per_worker": {"CPU": 0.5}},
         "model": {"lm_path": str(assets / "lm"), "whisper_path": str(assets / "whisper"), "adapter_inner_dim": 32},
-        "data": {"max_stage1_tokens": 96},
-        "stage1": {**train, **stage_overrides.get("stage1", {})},
-        "stage2": {**train, "lr": 3e-3, **stage_overrides.get("stage2", {})},
+        "stage2": {"lr": 3e-3, "warmup_steps": 2, "micro_batch_size": 4, "zero_stage": 1, "max_failures": 1, **stage2},
     }
 
 
@@ -54,9 +51,8 @@ def trained_run(tiny_s3_run, run_root):
     URI (test_stage2_trains_only_adapter checks that on S3); the local copy names the local stage-1
     LM, so the checkpoint loads here without S3."""
     layout = RunLayout(str(tiny_s3_run.download(run_root / "s3-run")))
-    meta_file = Path(layout.stage2_model) / "blsp_adapter.json"
-    meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "lm_path": layout.stage1_model}))
+    meta = adapter_metadata(layout.stage2_model)
+    (Path(layout.stage2_model) / ADAPTER_CONFIG).write_text(json.dumps({**meta, "lm_path": layout.stage1_model}))
     return tiny_s3_run, layout
 
 
@@ -156,7 +152,7 @@ def test_zero_stages(trained_run, run_root, tiny_assets, speech_corpus, zero_sta
         stage2.update(cache_encoder_outputs=True, eval_rows=3, continuation_tokens=4, alignment_steps=2)
     else:
         stage2.update(alignment_weight=0.5)
-    config = make_config(run_root, tiny_assets, run_id, stage2=stage2)
+    config = stage2_config(run_root, tiny_assets, run_id, stage2)
     config["generate"] = {"input_file": str(speech_corpus["heldout"])}  # the held-out clips eval_rows reads
 
     result = run_training(config_from_dict(config), Stage2Task)
@@ -190,8 +186,9 @@ def test_fault_resumes_from_last_checkpoint(trained_run, run_root):
     data = run.cfg.model_dump(mode="json")
     data["cluster"].update(storage_root=str(run_root), run_id="fault")
     cfg = config_from_dict(data)
-    Path(RunLayout.of(cfg).stage1_data).parent.mkdir(parents=True)
-    shutil.copy(layout.stage1_data, RunLayout.of(cfg).stage1_data)
+    stage1_data = Path(RunLayout.of(cfg).stage1_data)
+    stage1_data.parent.mkdir(parents=True)
+    shutil.copy(layout.stage1_data, stage1_data)
     stage1 = cfg.stage1
     marker = run_root / "fault-injected"
     result = run_training(cfg, Stage1Task, inject_failure={"step": stage1.save_every + 1, "rank": 1, "marker": str(marker)})
