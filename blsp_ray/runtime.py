@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -57,10 +58,43 @@ def loopback_env() -> None:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports handed out on bind(0) (Linux default 32768-60999)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now, outside the kernel's ephemeral range.
+
+    Ray's own components (raylet, object manager, agents, metrics) and every other program bind
+    port 0 and get ephemeral ports, so a port taken from that range can be taken again before the
+    process it is for binds it (a dashboard port lost that way failed ``ray start``). Ports between
+    Ray's default worker ports (10002-19999) and the ephemeral range are given to nobody else."""
+    low, high = _ephemeral_range()
+    candidates = range(20000, low) if low - 20000 >= 1000 else range(high + 1, 65536)
+    picked: list[int] = []
+    rng = random.Random()
+    for _ in range(100 * n):
+        port = rng.choice(candidates)
+        if port in picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+        if len(picked) == n:
+            return picked
+    raise RuntimeError(f"no {n} free ports on 127.0.0.1 in {candidates.start}-{candidates.stop - 1}")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _ray_cli() -> str:
@@ -120,11 +154,12 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
                         dashboard_port: int | None = None) -> LocalRayCluster:
     """Start a Ray head on 127.0.0.1 with the dashboard (job API) on; ports free-chosen unless given."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    port, dash = port or free_port(), dashboard_port or free_port()
+    gcs, dash, client, agent = free_ports(4)  # distinct: chosen one by one, two could coincide
+    port, dash = port or gcs, dashboard_port or dash
     cmd = [
         _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
     if num_cpus is not None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import ray
 
-from blsp_ray.runtime import free_port
+from blsp_ray.runtime import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def head_processes(port: int) -> list[psutil.Process]:
 def test_readme_own_cluster_commands(ray_cluster, tmp_path):
     lines = readme_block()
     assert lines[0].startswith(".venv/bin/blsp-ray local-cluster start") and "local-cluster stop" in lines[-1]
-    gcs, dash = free_port(), free_port()
+    gcs, dash = free_ports(2)
     lines = [re.sub(r"\b6390\b", str(gcs), re.sub(r"\b8265\b", str(dash), line)) for line in lines]
     (tmp_path / ".venv").symlink_to(REPO / ".venv")
     shutil.copytree(REPO / "configs", tmp_path / "configs")
