@@ -202,8 +202,11 @@ def tiny_s3_run(ray_cluster, s3_server, tiny_assets, tmp_root) -> S3Run:
         f"data.alpaca_json={speech / 'alpaca_data.json'}",
         f"label.manifests=[{speech / 'train.jsonl'}]",
         # stage 1 as configs/tiny.yaml (fewer steps leave an LM that stops at once: no continuations);
-        # stage 2 long enough for its loss to fall, with two checkpoints
+        # stage 2 long enough for its loss to fall, with two checkpoints, from cached encoder outputs
+        # as mini trains (8 clips are one step an epoch: uncached, each of the 8 epochs would read,
+        # tokenise and encode them again; test_zero_stages[3-ce] trains uncached)
         "stage2.max_steps=8", "stage2.save_every=4", "stage2.log_every=2", "stage2.lr=3e-3", "stage2.warmup_steps=2",
+        "stage2.cache_encoder_outputs=true",
         "label.max_new_tokens=8", "generate.max_new_tokens=8",
     ])
     return S3Run(cfg=cfg, ran=run_pipeline(cfg), s3=s3, bucket=bucket, prefix=f"runs/{run_id}/", speech=speech)
