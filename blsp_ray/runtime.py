@@ -167,8 +167,12 @@ def start_local_cluster(num_cpus: int | None = None, resources: str | None = Non
     if resources:
         cmd.append(f"--resources={resources}")
     t0 = time.time()
-    _run(cmd)
     cluster = LocalRayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
+    try:
+        _run(cmd)
+    except BaseException:
+        cluster.stop()  # what started before the failure (GCS, dashboard, monitor) would outlive it
+        raise
     log.info("local Ray cluster at %s (dashboard %s) in %.1fs", cluster.address, cluster.dashboard_url, time.time() - t0)
     return cluster
 

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import ray
 
-from blsp_ray.runtime import free_ports
+from blsp_ray.runtime import free_ports, start_local_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,26 @@ def test_readme_own_cluster_commands(ray_cluster, tmp_path):
     assert (tmp_path / "data" / "speech" / "train.jsonl").exists()
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert ray.cluster_resources().get("CPU", 0) > 0  # this session's cluster is still up
+
+
+def test_a_failed_head_start_leaves_no_process_behind():
+    """``ray start --head`` fails when its dashboard port is taken (as it was once when another
+    process got the port between its choice and its use), after the GCS and its monitor are up:
+    ``start_local_cluster`` raises, and ends what the failed start left running."""
+    gcs, dash = free_ports(2)
+
+    def processes_of_this_head() -> list[str]:  # every process of a head names its GCS port
+        names = {f"--gcs_server_port={gcs}", f"--port={gcs}"}
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            args = p.info["cmdline"] or []
+            if any(a in names or a.endswith(f"127.0.0.1:{gcs}") for a in args):
+                found.append(" ".join(args)[:200])
+        return found
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", dash))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="ray start --head failed"):
+            start_local_cluster(num_cpus=1, port=gcs, dashboard_port=dash)
+    assert processes_of_this_head() == []
