@@ -41,7 +41,7 @@ def main() -> None:
 
     from blsp_ray.config import BlspRayConfig, TinyAssetsConfig, config_from_dict, load_config
     from blsp_ray.demo.corpus import make_sentences
-    from blsp_ray.engines import GenerationSettings, TransformersEngine, VllmEngine
+    from blsp_ray.engines import GenerationSettings, TransformersEngine, VllmEngine, replica_dtype
     from blsp_ray.model.prompts import continuation_prompt, make_prompt_format
 
     if args.config:
@@ -58,11 +58,12 @@ def main() -> None:
                                 for i, t in enumerate(texts)))
     label = base.label.model_copy(update=dict(max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.job_batch_size))
     settings = GenerationSettings.from_config(label)
+    dtype = replica_dtype(label.engine_dtype(base.model), label)  # the job's replica resolves it the same way
     results = {}
 
     # 1. bare vLLM, all prompts in one call
     t = time.time()
-    vllm_engine = VllmEngine(lm, label.model_copy(update={"engine": "vllm"}), settings)
+    vllm_engine = VllmEngine(lm, label.model_copy(update={"engine": "vllm"}), settings, dtype)
     start = time.time() - t
     prompt_layout = make_prompt_format(base.model.prompt_format, vllm_engine.tokenizer)
     prompts = [vllm_engine.tokenize(continuation_prompt(prompt_layout, x, label.instruction)) for x in texts]
@@ -89,10 +90,12 @@ def main() -> None:
     try:
         ray.init(address=cluster.address)
         # Every row is continued, as bare vLLM continues every prompt: a config's transcription share
-        # would leave those rows unlabelled (stage 2 learns them from their transcripts).
+        # would leave those rows unlabelled (stage 2 learns them from their transcripts), and its
+        # continuation_tokens would stop them short of max_new_tokens.
         cfg = BlspRayConfig.model_validate({**base.model_dump(), "cluster": {"storage_root": str(work / "runs"), "run_id": "bench"},
                                             "label": {**label.model_dump(), "engine": "vllm", "manifests": [str(manifest)]},
-                                            "stage2": {**base.stage2.model_dump(), "transcription_share": 0.0}})
+                                            "stage2": {**base.stage2.model_dump(), "transcription_share": 0.0,
+                                                       "continuation_tokens": None}})
         t = time.time()
         summary = run_label(cfg)
         el = time.time() - t
@@ -104,7 +107,8 @@ def main() -> None:
 
     # 3. transformers engine, the original release's batches of 8
     t = time.time()
-    hf = TransformersEngine.from_path(lm, label.model_copy(update={"engine": "transformers", "batch_size": args.hf_batch_size}), settings)
+    hf = TransformersEngine.from_path(lm, label.model_copy(update={"engine": "transformers", "batch_size": args.hf_batch_size}),
+                                      settings, dtype)
     start = time.time() - t
     t = time.time()
     gens = hf.generate_ids(prompts[: args.hf_rows])

@@ -336,8 +336,10 @@ class EngineConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = 0
     # Weights dtype of this stage's engine; None: model.dtype. bfloat16 roughly doubles vLLM's CPU
-    # throughput on CPUs with AVX-512 BF16 (greedy text then differs from float32 in places).
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # throughput on CPUs with AVX-512 BF16 (greedy text then differs from float32 in places) and is
+    # emulated, several times slower, on CPUs without it; auto: bfloat16 where the replica's device
+    # multiplies it in hardware, else float32 (decided in the replica, on its node).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     min_replicas: int = Field(1, ge=1)  # engine replicas scale between these two
     max_replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)

@@ -42,6 +42,7 @@ from transformers import (
 
 from blsp_ray.config import BatchEngineConfig, EngineConfig
 from blsp_ray.model.audio import SAMPLE_RATE
+from blsp_ray.model.modeling import bf16_is_native
 
 # vLLM is imported inside the functions that build or drive its engines: it is a heavy optional
 # dependency (the transformers engine, and every stage that never generates, run without it).
@@ -534,9 +535,18 @@ def replica_args(cfg: BatchEngineConfig) -> dict:
                 resources=dict(cfg.resources_per_replica) or None, runtime_env={"env_vars": cfg.replica_env()})
 
 
+def replica_dtype(dtype: str, cfg: EngineConfig) -> str:
+    """``dtype`` with ``auto`` resolved on the machine the replica runs on: bfloat16 where its device
+    (a GPU when the replica reserves one) multiplies it in hardware, else float32."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if bf16_is_native("cuda" if cfg.gpus_per_replica > 0 else "cpu") else "float32"
+
+
 def build_engine(cfg: EngineConfig, model_path: str, settings: GenerationSettings | None = None,
                  dtype: str = "float32") -> TextEngine:
     """The engine ``cfg.engine`` names, loaded from a Hugging Face LM directory."""
+    dtype = replica_dtype(dtype, cfg)
     if cfg.engine == "vllm":
         return VllmEngine(model_path, cfg, settings, dtype)
     return TransformersEngine.from_path(model_path, cfg, settings, dtype)

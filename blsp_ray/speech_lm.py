@@ -37,6 +37,7 @@ from blsp_ray.engines import (
     TextStream,
     TransformersEngine,
     VllmEngine,
+    replica_dtype,
 )
 from blsp_ray.io.storage import cache_dir, is_s3, local_copy, model_cache
 from blsp_ray.model.export import SPEECH_TOKEN, export_for_vllm
@@ -122,6 +123,7 @@ class SpeechLM:
         engine ``cfg.engine`` names; ``streaming`` makes that vLLM engine an ``AsyncVllmEngine``.
         ``device``: where the transformers engine runs the model (vLLM places its own)."""
         settings = settings or GenerationSettings.from_config(cfg)
+        dtype = replica_dtype(dtype, cfg)
         batch_size = cfg.batch_size if isinstance(cfg, BatchEngineConfig) else 8  # serving passes one conversation at a time
         # The checkpoint's padding setting (or the config's override) is what every feature extraction reads.
         override = cfg.pad_audio_to_30s if isinstance(cfg, SpeechCheckpointConfig) else None

@@ -130,10 +130,12 @@ def test_vllm_greedy_matches_transformers(labelled_both, tiny_assets):
 @pytest.mark.slow
 def test_transcription_rows_are_not_labelled(ray_cluster, tiny_assets, tmp_path):
     """stage2.transcription_share: the clips stage 2 trains on their transcript are kept without a
-    continuation; the engine labels only the others."""
+    continuation; the engine labels only the others, and no further than stage 2 reads
+    (stage2.continuation_tokens below label.max_new_tokens)."""
     manifest = tmp_path / "asr.jsonl"
     write_manifest(manifest, 12)
-    cfg = config_from_dict({**make_config(tmp_path / "runs", tiny_assets, "mixed", manifest), "stage2": {"transcription_share": 0.5}})
+    cfg = config_from_dict({**make_config(tmp_path / "runs", tiny_assets, "mixed", manifest, dtype="auto"),
+                            "stage2": {"transcription_share": 0.5, "continuation_tokens": 5}})
     summary = run_label(cfg)
     rows = read_labels(cfg)
     assert summary["labelled"] == len(rows) == 12 and summary["dropped_total"] == 0
@@ -142,6 +144,7 @@ def test_transcription_rows_are_not_labelled(ray_cluster, tiny_assets, tmp_path)
     for r in rows.values():
         labelled = tasks[r["audio"]] == "continuation"
         assert (r["generated_tokens"] > 0) == labelled and bool(r["continuation"]) == labelled, r
+        assert r["generated_tokens"] <= 5 and r["gen_max_new_tokens"] == 5, r
     assert summary["tokens_generated"] == sum(r["generated_tokens"] for r in rows.values())
     assert summary["generations"] == sum(t == "continuation" for t in tasks.values())  # transcription rows: none
 
@@ -230,3 +233,14 @@ def test_engine_replicas_compute_on_threads_per_replica(ray_cluster):
 
     assert threads(LabelConfig(cpus_per_replica=0.5, threads_per_replica=2)) == {2}
     assert threads(LabelConfig(cpus_per_replica=0.5)) == {1}
+
+
+def test_auto_engine_dtype_is_bfloat16_only_where_the_replicas_device_multiplies_it():
+    from blsp_ray.config import LabelConfig
+    from blsp_ray.engines import replica_dtype
+    from blsp_ray.model.modeling import bf16_is_native
+
+    cpu, gpu = LabelConfig(dtype="auto"), LabelConfig(dtype="auto", gpus_per_replica=1)
+    assert [replica_dtype(d, cpu) for d in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "float16"]
+    assert replica_dtype("auto", cpu) == ("bfloat16" if bf16_is_native("cpu") else "float32")
+    assert replica_dtype("auto", gpu) == ("bfloat16" if bf16_is_native("cuda") else "float32")  # no GPU here: float32

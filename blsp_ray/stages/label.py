@@ -223,10 +223,22 @@ def summary_path(cfg: BlspRayConfig) -> str:
     return join(RunLayout.of(cfg).stage("label"), "_summary.json")
 
 
+def labelling_config(cfg: BlspRayConfig) -> LabelConfig:
+    """``cfg.label``, generating no more tokens than stage 2 reads of a continuation
+    (``stage2.continuation_tokens``): a continuation's first N tokens are the same whether or not
+    more follow, and the rest would be generated only to be cut off."""
+    lc, read = cfg.label, cfg.stage2.continuation_tokens
+    if read is None or read >= lc.max_new_tokens:
+        return lc
+    log.info("labelling generates %d tokens a row, not label.max_new_tokens=%d: stage 2 reads the first %d "
+             "(stage2.continuation_tokens)", read, lc.max_new_tokens, read)
+    return lc.model_copy(update={"max_new_tokens": read})
+
+
 def run_label(cfg: BlspRayConfig) -> dict:
     """Label every not-yet-committed shard; print and write the run's summary (all shards)."""
     t0 = time.time()
-    lc, s3 = cfg.label, cfg.cluster.s3
+    lc, s3 = labelling_config(cfg), cfg.cluster.s3
     layout = RunLayout.of(cfg)
     manifests = run_asr_manifests(cfg)
     shards = plan_shards(manifests, lc.rows_per_shard, s3)
