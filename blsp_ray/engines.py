@@ -42,7 +42,7 @@ from transformers import (
 
 from blsp_ray.config import BatchEngineConfig, EngineConfig
 from blsp_ray.model.audio import SAMPLE_RATE
-from blsp_ray.model.modeling import bf16_is_native
+from blsp_ray.model.modeling import frozen_dtype
 
 # vLLM is imported inside the functions that build or drive its engines: it is a heavy optional
 # dependency (the transformers engine, and every stage that never generates, run without it).
@@ -536,11 +536,10 @@ def replica_args(cfg: BatchEngineConfig) -> dict:
 
 
 def replica_dtype(dtype: str, cfg: EngineConfig) -> str:
-    """``dtype`` with ``auto`` resolved on the machine the replica runs on: bfloat16 where its device
-    (a GPU when the replica reserves one) multiplies it in hardware, else float32."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if bf16_is_native("cuda" if cfg.gpus_per_replica > 0 else "cpu") else "float32"
+    """``dtype`` with ``auto`` resolved on the machine the replica runs on, by ``frozen_dtype``'s rule:
+    bfloat16 where its device (a GPU when the replica reserves one) multiplies it in hardware, else float32."""
+    device = "cuda" if cfg.gpus_per_replica > 0 else "cpu"
+    return str(frozen_dtype(dtype, torch.float32, device)).removeprefix("torch.")
 
 
 def build_engine(cfg: EngineConfig, model_path: str, settings: GenerationSettings | None = None,
