@@ -60,6 +60,9 @@ class ClusterConfig(_Section):
     num_workers: int = Field(2, ge=1)  # Ray Train workers per training stage
     min_workers: int | None = Field(None, ge=1)  # set for elastic training: (min_workers, num_workers)
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    # Torch threads a CPU training worker computes on; None: Ray's default (its whole CPUs, at least 1).
+    # One worker reserving 1 of a laptop's 2 CPUs (Ray Data reads on the other) computes on both.
+    threads_per_worker: int | None = Field(None, ge=1)
     use_gpu: bool = False
     # Ray cluster-launcher YAML this config runs on, relative to the repository (documentation +
     # validation; no job reads it, so it is not a run path).

@@ -154,10 +154,13 @@ def test_zero_stages(trained_run, run_root, tiny_assets, speech_corpus, zero_sta
         stage2.update(alignment_weight=0.5)
     config = stage2_config(run_root, tiny_assets, run_id, stage2)
     config["generate"] = {"input_file": str(speech_corpus["heldout"])}  # the held-out clips eval_rows reads
+    if zero_stage == 2:
+        config["cluster"]["threads_per_worker"] = 2  # each half-CPU worker computes on 2 threads
 
     result = run_training(config_from_dict(config), Stage2Task)
     steps = 6 if zero_stage == 2 else 4  # the alignment warm-up comes on top of max_steps
     assert result.metrics["step"] == steps and np.isfinite(result.metrics["loss"])
+    assert result.metrics["torch_threads"] == (2 if zero_stage == 2 else 1)  # else Ray's default: its CPUs, at least 1
     if objective == "ce+kl":
         assert result.metrics["loss_kl"] > 0
         assert result.metrics["loss"] == pytest.approx(result.metrics["loss_ce"] + result.metrics["loss_kl"], rel=1e-5)

@@ -218,6 +218,7 @@ def full_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.Tenso
 def train_loop_per_worker(loop: dict) -> None:
     """Runs in every Ray Train worker; ``loop`` carries the config dict and the run's step budget."""
     use_gpu = loop["use_gpu"]
+    cfg = BlspRayConfig.model_validate(loop["cfg"])
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Denormal floats take the CPU's slow path: an adapter driven there (mini's alignment warm-up with a
@@ -225,9 +226,10 @@ def train_loop_per_worker(loop: dict) -> None:
         # and no value above 1e-38 changes. Set in this thread, the one that trains, before torch's
         # intra-op threads exist, which inherit it.
         torch.set_flush_denormal(True)
+        if cfg.cluster.threads_per_worker:
+            torch.set_num_threads(cfg.cluster.threads_per_worker)
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator at import and must see DS_ACCELERATOR first
 
-    cfg = BlspRayConfig.model_validate(loop["cfg"])
     task: Task = loop["task"](cfg)
     train = task.train
     ctx = ray.train.get_context()
@@ -324,6 +326,7 @@ def train_loop_per_worker(loop: dict) -> None:
                 "samples_per_s": sums[3] / elapsed,
                 "peak_rss_gib": peak,  # per worker, the largest
                 "world_size": world,
+                "torch_threads": torch.get_num_threads(),  # per worker (rank 0's): cluster.threads_per_worker
                 "resumed_from": resumed_from,
             }
             for k, v in zip(part_names, sums[4:]):
