@@ -32,6 +32,8 @@ os.environ.update(
         "VLLM_CACHE_ROOT": str(_TMP / "vllm-cache"),
         "VLLM_RPC_BASE_PATH": str(_TMP / "vllm-rpc"),
         "TORCHINDUCTOR_CACHE_DIR": str(_TMP / "inductor"),
+        # C++ ops JIT-built by torch.utils.cpp_extension (DeepSpeed's): per session, so a build shows
+        "TORCH_EXTENSIONS_DIR": str(_TMP / "torch-extensions"),
         # node-local copies of checkpoints (vLLM exports, S3 copies): removed with the session's files,
         # not left to pile up in /tmp/blsp-models run after run
         "BLSP_MODEL_CACHE": str(_TMP / "model-cache"),

@@ -215,6 +215,24 @@ def full_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.Tenso
     return state
 
 
+def _skip_shared_memory_allreduce_build(deepspeed) -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
+
+    ``TorchBackend`` JIT-compiles that op with the machine's C++ compiler whenever its build cache
+    misses (a fresh machine or venv): 24 s of both CPUs here, inside the first training run. Only
+    ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference) calls it; training's collectives
+    go through torch.distributed. Marking it incompatible in DeepSpeed's op table skips the build.
+    That table, ``deepspeed.ops.__compatible_ops__``, is DeepSpeed-internal (pinned deepspeed==0.19.8,
+    whose ``ops/__init__.py`` computes it once and keeps edits to it); a release without it falls
+    back to building the op, as before.
+    """
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[ShareMemCommBuilder.NAME] = False
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """Runs in every Ray Train worker; ``loop`` carries the config dict and the run's step budget."""
     use_gpu = loop["use_gpu"]
@@ -229,6 +247,9 @@ def train_loop_per_worker(loop: dict) -> None:
         if cfg.cluster.threads_per_worker:
             torch.set_num_threads(cfg.cluster.threads_per_worker)
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator at import and must see DS_ACCELERATOR first
+
+    if not use_gpu:
+        _skip_shared_memory_allreduce_build(deepspeed)
 
     task: Task = loop["task"](cfg)
     train = task.train
