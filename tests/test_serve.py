@@ -577,7 +577,9 @@ def test_a_failed_start_leaves_no_process_behind(checkpoint, tiny_assets, tmp_pa
                 continue
         return found
 
-    env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")} | {mark: "1"}
+    # One constructor attempt per replica, not Serve's three: every attempt fails the same way here.
+    env = {k: v for k, v in os.environ.items() if k not in (unset, "RAY_ADDRESS")} | {
+        mark: "1", "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
     seen: set[str] = set()  # the marked processes while it ran: the mark does reach Ray's processes
     log = tmp_path / "serve.log"  # a file, not a pipe: a pipe read only at exit would fill and stall the command
     with open(log, "w") as out, subprocess.Popen([sys.executable, "-m", "serve", "--config", str(config)], cwd=REPO,
