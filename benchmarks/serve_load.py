@@ -118,11 +118,12 @@ def measure(name: str, answer, turns: list, levels: list[int], per_level: int) -
     return asyncio.run(levels_in_turn())
 
 
-def run_native(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+def run_native(checkpoint: str, serve_cfg, dtype: str, settings, turns, levels, per_level) -> list[dict]:
     from blsp_ray.speech_lm import SpeechLM
 
     t0 = time.perf_counter()
-    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "vllm"}), settings, streaming=True)
+    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "vllm"}), settings, dtype=dtype,
+                                         streaming=True)
     print(f"[native] engine up in {time.perf_counter() - t0:.1f}s (export included)", flush=True)
 
     async def answer(turn) -> int:
@@ -137,21 +138,21 @@ def run_native(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -
         speech_lm.engine.shutdown()
 
 
-def run_prompt_embeds(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+def run_prompt_embeds(checkpoint: str, serve_cfg, dtype: str, settings, turns, levels, per_level) -> list[dict]:
     from vllm import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs, vllm_sampling_params
+    from blsp_ray.engines import prepare_vllm_env, replica_dtype, vllm_engine_kwargs, vllm_sampling_params
     from blsp_ray.model.modeling import checkpoint_bases
     from blsp_ray.speech_lm import SpeechLM
 
     t0 = time.perf_counter()
-    embedder = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings)
+    embedder = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings, dtype=dtype)
     lm_dir, _ = checkpoint_bases(checkpoint)
     prepare_vllm_env(serve_cfg)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # AsyncLLM's engine core is a process of its own
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(serve_cfg, lm_dir), enable_prompt_embeds=True,
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(serve_cfg, lm_dir, replica_dtype(dtype, serve_cfg)), enable_prompt_embeds=True,
                                                     disable_log_stats=True))
     print(f"[prompt_embeds] engine up in {time.perf_counter() - t0:.1f}s", flush=True)
     params = vllm_sampling_params(settings, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -174,10 +175,10 @@ def run_prompt_embeds(checkpoint: str, serve_cfg, settings, turns, levels, per_l
         llm.shutdown()
 
 
-def run_transformers(checkpoint: str, serve_cfg, settings, turns, levels, per_level) -> list[dict]:
+def run_transformers(checkpoint: str, serve_cfg, dtype: str, settings, turns, levels, per_level) -> list[dict]:
     from blsp_ray.speech_lm import SpeechLM
 
-    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings)
+    speech_lm = SpeechLM.from_checkpoint(checkpoint, serve_cfg.model_copy(update={"engine": "transformers"}), settings, dtype=dtype)
     lock = asyncio.Lock()  # one generation at a time per replica, as the app runs it
 
     def generate(turn) -> int:
@@ -206,7 +207,7 @@ def main() -> None:
     import torch
 
     from blsp_ray.config import load_config
-    from blsp_ray.engines import GenerationSettings
+    from blsp_ray.engines import GenerationSettings, replica_dtype
     from blsp_ray.speech_lm import ChatTurn
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -222,14 +223,15 @@ def main() -> None:
     turns = [ChatTurn(INSTRUCTION, w) for w in waves]
     settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=0.0)
     serve_cfg = cfg.serve.model_copy(update={"max_new_tokens": args.max_tokens})
+    dtype = serve_cfg.engine_dtype(cfg.model)  # as the Serve app's replicas load it (auto: resolved in each)
     torch.set_num_threads(os.cpu_count())
     runners = {"native": run_native, "prompt_embeds": run_prompt_embeds, "transformers": run_transformers}
     results = {}
     for engine in args.engines.split(","):
-        results[engine] = runners[engine](checkpoint, serve_cfg, settings, turns, levels, args.requests_per_level)
+        results[engine] = runners[engine](checkpoint, serve_cfg, dtype, settings, turns, levels, args.requests_per_level)
 
     print(f"\nserve_load: one replica, engine level (no HTTP), {os.cpu_count()} CPUs, checkpoint {checkpoint} ({what}), "
-          f"{which}, max_tokens {args.max_tokens} greedy, {args.requests_per_level} requests per level")
+          f"{which}, weights {replica_dtype(dtype, serve_cfg)}, max_tokens {args.max_tokens} greedy, {args.requests_per_level} requests per level")
     print(f"{'engine':<15}{'conc':>5}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'tok/s':>9}{'tok/req':>9}")
     for engine, rows in results.items():
         for r in rows:
@@ -240,7 +242,7 @@ def main() -> None:
                 print(f"native / {base} at c={r['concurrency']}: {r['req_s'] / b['req_s']:.2f}x req/s, "
                       f"p95 {r['p95_s']:.3f}s vs {b['p95_s']:.3f}s")
     print(json.dumps({"checkpoint": checkpoint, "checkpoint_is": what, "clips": which, "max_tokens": args.max_tokens,
-                      "results": results}))
+                      "dtype": replica_dtype(dtype, serve_cfg), "results": results}))
 
 
 if __name__ == "__main__":

@@ -222,3 +222,4 @@ def test_full_state_dict_gathers_zero3_weights(tmp_path):
     assert report["partitioned_numel"] == 0  # the weights really were partitioned
     assert report["missing"] == [] and report["extra"] == []
     assert report["max_abs_diff"] == 0.0
+    assert not list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob("deepspeed_shm_comm*"))  # nothing compiled

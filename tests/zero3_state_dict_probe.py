@@ -12,7 +12,7 @@ import deepspeed  # noqa: E402  (after DS_ACCELERATOR: DeepSpeed picks its accel
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from blsp_ray.train.loop import full_state_dict  # noqa: E402
+from blsp_ray.train.loop import full_state_dict, skip_shared_memory_allreduce_build  # noqa: E402
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -20,6 +20,7 @@ config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_
 want = LlamaForCausalLM(config).state_dict()
 ds = {"train_batch_size": 1, "zero_optimization": {"stage": 3},
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+skip_shared_memory_allreduce_build(deepspeed)  # as the training workers do
 deepspeed.init_distributed(dist_backend="gloo")
 with deepspeed.zero.Init(config_dict_or_path=ds):
     model = LlamaForCausalLM(config)

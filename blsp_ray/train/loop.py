@@ -215,7 +215,7 @@ def full_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.Tenso
     return state
 
 
-def _skip_shared_memory_allreduce_build(deepspeed) -> None:
+def skip_shared_memory_allreduce_build(deepspeed) -> None:
     """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
 
     ``TorchBackend`` JIT-compiles that op with the machine's C++ compiler whenever its build cache
@@ -249,7 +249,7 @@ def train_loop_per_worker(loop: dict) -> None:
     import deepspeed  # here, not at the top: DeepSpeed picks its accelerator at import and must see DS_ACCELERATOR first
 
     if not use_gpu:
-        _skip_shared_memory_allreduce_build(deepspeed)
+        skip_shared_memory_allreduce_build(deepspeed)
 
     task: Task = loop["task"](cfg)
     train = task.train
