@@ -67,9 +67,9 @@ def main() -> None:
         row("stage 2 step: ours, float32 (real-length, cached encoder) vs original-faithful", sps["ours_cached"], sps["original"],
             "samples/s", None),
         row("stage 2 step: ours (real-length, encoder every step) vs original-faithful", sps["ours"], sps["original"], "samples/s", None),
-        row(f"serving, 8 concurrent chats, one replica: native vLLM BLSP vs transformers (p95 {at8['native']['p95_s']:.2f} s vs "
+        row(f"serving, 8 concurrent chats, one replica, {load['dtype']}: native vLLM BLSP vs transformers (p95 {at8['native']['p95_s']:.2f} s vs "
             f"{at8['transformers']['p95_s']:.2f} s)", at8["native"]["req_s"], at8["transformers"]["req_s"], "req/s", 5.0),
-        row(f"serving, 8 concurrent chats, one replica: native vLLM BLSP vs vLLM prompt_embeds (p95 {at8['native']['p95_s']:.2f} s vs "
+        row(f"serving, 8 concurrent chats, one replica, {load['dtype']}: native vLLM BLSP vs vLLM prompt_embeds (p95 {at8['native']['p95_s']:.2f} s vs "
             f"{at8['prompt_embeds']['p95_s']:.2f} s)", at8["native"]["req_s"], at8["prompt_embeds"]["req_s"], "req/s", 1.0),
     ]
     report = {"config": args.config, "wall_s": round(time.time() - t0, 1), "table": table,

@@ -95,6 +95,29 @@ def test_native_model_matches_blsp_generate(tiny_assets, clips, tmp_path, monkey
     assert (first[0] - first[1]).abs().max() > 1e-3, "different clips should move the first step's distribution"
 
 
+def test_speech_reader_reads_in_the_engines_dtype(tiny_assets, clips, tmp_path):
+    """For ``ctc_tokens`` the processor reads speech before the engine sees the request; in a
+    bfloat16 engine it reads in bfloat16, as BlspModel loaded in bfloat16 does: per clip, the same
+    kept positions and the same embeddings."""
+    from blsp_ray.model.vllm_blsp import BlspVllmConfig, SpeechReader
+
+    torch.manual_seed(0)
+    model = build_blsp_from_parts(tiny_assets / "lm", tiny_assets / "whisper", adapter_inner_dim=32,
+                                  speech_positions="ctc_tokens", token_score="distance")
+    model.save_adapter(tmp_path / "ckpt", str(tiny_assets / "lm"), str(tiny_assets / "whisper"))
+    export = export_for_vllm(tmp_path / "ckpt", tmp_path / "export", dtype=torch.bfloat16)
+    reference = load_blsp(export, dtype=torch.bfloat16).eval()
+    reader = SpeechReader(str(export), BlspVllmConfig.from_pretrained(export), torch.bfloat16)
+    proc = BlspProcessor.from_paths(tiny_assets / "lm", tiny_assets / "whisper")
+    for wave in clips:
+        speech = proc.features([wave])
+        with torch.no_grad():
+            want, kept = reference.speech_embeddings(speech)
+        got = reader(speech)[0]
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want[0, : int(kept[0])])
+
+
 @pytest.fixture(scope="module")
 def served_release(tiny_assets, tmp_root):
     """The original release's layout (30 s padding, every speech position), exported and served
