@@ -41,7 +41,8 @@ def main() -> None:
 
     from blsp_ray.config import BlspRayConfig, TinyAssetsConfig, config_from_dict, load_config
     from blsp_ray.demo.corpus import make_sentences
-    from blsp_ray.engines import GenerationSettings, TransformersEngine, VllmEngine, replica_dtype
+    from blsp_ray.engines import (GenerationSettings, TransformersEngine, prepare_vllm_env, replica_dtype, vllm_engine_kwargs,
+                                  vllm_sampling_params)
     from blsp_ray.model.prompts import continuation_prompt, make_prompt_format
 
     if args.config:
@@ -61,21 +62,26 @@ def main() -> None:
     dtype = replica_dtype(label.engine_dtype(base.model), label)  # the job's replica resolves it the same way
     results = {}
 
-    # 1. bare vLLM, all prompts in one call
+    # 1. bare vLLM: vllm.LLM in this thread (none of our engine code), all prompts in one call
+    from vllm import LLM
+
+    vllm_cfg = label.model_copy(update={"engine": "vllm"})
+    prepare_vllm_env(vllm_cfg)
     t = time.time()
-    vllm_engine = VllmEngine(lm, label.model_copy(update={"engine": "vllm"}), settings, dtype)
+    llm = LLM(**vllm_engine_kwargs(vllm_cfg, lm, dtype))
     start = time.time() - t
-    prompt_layout = make_prompt_format(base.model.prompt_format, vllm_engine.tokenizer)
-    prompts = [vllm_engine.tokenize(continuation_prompt(prompt_layout, x, label.instruction)) for x in texts]
+    tokenizer = llm.get_tokenizer()
+    prompt_layout = make_prompt_format(base.model.prompt_format, tokenizer)
+    prompts = [tokenizer(continuation_prompt(prompt_layout, x, label.instruction))["input_ids"] for x in texts]
     prompts = [ids for ids in prompts if 0 < len(ids) < label.max_prompt_tokens]
     t = time.time()
-    gens = vllm_engine.generate_ids(prompts)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], vllm_sampling_params(settings), use_tqdm=False)
     el = time.time() - t
-    tokens = sum(len(g.token_ids) for g in gens)
-    results["bare_vllm"] = dict(rows=len(gens), tokens=tokens, seconds=round(el, 2), tokens_per_s=tokens / el,
-                                rows_per_s=len(gens) / el, engine_start_s=round(start, 1))
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    results["bare_vllm"] = dict(rows=len(outputs), tokens=tokens, seconds=round(el, 2), tokens_per_s=tokens / el,
+                                rows_per_s=len(outputs) / el, engine_start_s=round(start, 1))
     print(f"bare vLLM: {results['bare_vllm']}", flush=True)
-    del vllm_engine, gens
+    del llm, outputs
     import gc
 
     gc.collect()

@@ -18,6 +18,7 @@ generation settings are per request, so a row's output does not depend on its ba
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -25,6 +26,7 @@ import os
 import queue
 import threading
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -186,6 +188,14 @@ def vllm_sampling_params(settings: GenerationSettings, **overrides):
 
 
 class VllmEngine(TextEngine):
+    """``vllm.LLM`` owned by one thread of its own, which builds the engine and runs every call on it.
+
+    vLLM's CPU worker pins the OpenMP threads of the thread that builds the engine to the replica's
+    cores; a step run from any other thread gets an unpinned OpenMP team of its own. Measured on the
+    mini LM in bfloat16, 1,500 prompts, 2 CPUs: 595 tokens/s stepped in the building thread, 503
+    stepped from another one, 573 with a non-main thread doing both.
+    """
+
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: EngineConfig, settings: GenerationSettings | None = None,
@@ -193,13 +203,19 @@ class VllmEngine(TextEngine):
         prepare_vllm_env(cfg)
         from vllm import LLM
 
-        self.llm = LLM(**vllm_engine_kwargs(cfg, model_path, dtype))
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_vllm_engine_thread, args=(self._work,), name="vllm-engine", daemon=True).start()
+        weakref.finalize(self, self._work.put, ("stop", None))  # the thread ends with this engine
+        self.llm = self._call(LLM, **vllm_engine_kwargs(cfg, model_path, dtype))
         super().__init__(self.llm.get_tokenizer(), settings or GenerationSettings.from_config(cfg))
         self.params = vllm_sampling_params(self.settings)
         self.max_context = cfg.vllm_max_model_len
-        # generate_ids_async's queue to its stepping thread (both made at its first call; None again
-        # after an engine error, so the next call starts afresh)
-        self._requests: queue.SimpleQueue | None = None
+
+    def _call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` run in the engine's thread; its result, or its exception raised here."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._work.put(("call", (fn, args, kwargs, done)))
+        return done.result()
 
     def _generation(self, output) -> Generation:
         """A finished vLLM ``RequestOutput`` -> Generation. Text decoded here as in TransformersEngine:
@@ -212,69 +228,82 @@ class VllmEngine(TextEngine):
     def _run(self, inputs: list[dict]) -> list[Generation]:
         if not inputs:
             return []
-        return [self._generation(o) for o in self.llm.generate(inputs, self.params, use_tqdm=False)]
+        outputs = self._call(self.llm.generate, inputs, self.params, use_tqdm=False)
+        return [self._generation(o) for o in outputs]
 
     def generate_ids(self, prompts):
         return self._run([{"prompt_token_ids": list(map(int, p))} for p in prompts])
 
     async def generate_ids_async(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
-        """``generate_ids``, awaitable; every call in flight shares the engine's running batch. One
-        thread steps the engine (``LLMEngine.add_request`` / ``step``) over the requests of all of
+        """``generate_ids``, awaitable; every call in flight shares the engine's running batch. The
+        engine's thread steps it (``LLMEngine.add_request`` / ``step``) over the requests of all of
         them, so one call's last long generations decode beside the next call's first instead of
         leaving the engine a handful of sequences. Not to be mixed with a ``generate_ids`` running
         at the same time."""
         if not prompts:
             return []
-        if self._requests is None:
-            self._requests = queue.SimpleQueue()  # (request id, token ids, future, its loop)
-            threading.Thread(target=self._step_requests, name="vllm-stepper", daemon=True).start()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in prompts]
         for ids, future in zip(prompts, futures):
-            self._requests.put((uuid.uuid4().hex, [int(t) for t in ids], future, loop))
+            self._work.put(("request", (self.llm.llm_engine, self.params, uuid.uuid4().hex, [int(t) for t in ids], future, loop)))
         return [self._generation(o) for o in await asyncio.gather(*futures)]
-
-    def _step_requests(self) -> None:
-        """The stepping thread: take new requests (waiting for one when the engine is idle), step, and
-        resolve the futures of finished requests. An engine error fails every request it held."""
-        engine = self.llm.llm_engine
-        waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
-
-        def settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
-
-        while True:
-            block = not waiting  # an idle engine waits for a request; a busy one takes what has come
-            while True:
-                try:
-                    request_id, ids, future, loop = self._requests.get(block=block)
-                except queue.Empty:
-                    break
-                block = False
-                try:
-                    engine.add_request(request_id, {"prompt_token_ids": ids}, self.params)
-                    waiting[request_id] = (future, loop)
-                except Exception as err:  # noqa: BLE001 - this prompt is refused (e.g. too long); the others go on
-                    loop.call_soon_threadsafe(settle, future, None, err)
-            if not waiting:
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as err:  # noqa: BLE001 - the engine is broken: fail its requests, stop stepping
-                log.exception("vLLM engine step failed")
-                for future, loop in waiting.values():
-                    loop.call_soon_threadsafe(settle, future, None, err)
-                self._requests = None
-                return
-            for out in outputs:
-                if out.finished and out.request_id in waiting:
-                    future, loop = waiting.pop(out.request_id)
-                    loop.call_soon_threadsafe(settle, future, out)
 
     def generate_audio(self, prompts: Sequence[AudioPrompt]) -> list[Generation]:
         """Prompts with clips (a BLSP export) -> one generation each, in order."""
         return self._run([p.vllm_input() for p in prompts])
+
+
+def _vllm_engine_thread(work: queue.SimpleQueue) -> None:
+    """A ``VllmEngine``'s thread: runs its calls, and steps the engine over the requests of
+    ``generate_ids_async`` (waiting for work when the engine is idle, taking what has come when it
+    is busy), resolving each request's future when it finishes. An engine error fails every request
+    it held. Holds no reference to the ``VllmEngine``, so the engine is freed with it ("stop")."""
+    waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+    engine = None  # the LLMEngine the waiting requests are on
+
+    def settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    while True:
+        block = not waiting
+        while True:
+            try:
+                kind, item = work.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if kind == "stop":
+                return
+            if kind == "call":
+                fn, args, kwargs, done = item
+                try:
+                    done.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+                    done.set_exception(err)
+                del fn, args, kwargs, done, item  # nothing of a finished call stays referenced here
+                continue
+            engine, params, request_id, ids, future, loop = item
+            try:
+                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+                waiting[request_id] = (future, loop)
+            except Exception as err:  # noqa: BLE001 - this prompt is refused (e.g. too long); the others go on
+                loop.call_soon_threadsafe(settle, future, None, err)
+        if not waiting:
+            engine = None
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as err:  # noqa: BLE001 - the engine is broken: fail the requests it held
+            log.exception("vLLM engine step failed")
+            for future, loop in waiting.values():
+                loop.call_soon_threadsafe(settle, future, None, err)
+            waiting.clear()
+            continue
+        for out in outputs:
+            if out.finished and out.request_id in waiting:
+                future, loop = waiting.pop(out.request_id)
+                loop.call_soon_threadsafe(settle, future, out)
 
 
 @contextlib.contextmanager
