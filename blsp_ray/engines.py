@@ -257,7 +257,8 @@ def _vllm_engine_thread(work: queue.SimpleQueue) -> None:
     """A ``VllmEngine``'s thread: runs its calls, and steps the engine over the requests of
     ``generate_ids_async`` (waiting for work when the engine is idle, taking what has come when it
     is busy), resolving each request's future when it finishes. An engine error fails every request
-    it held. Holds no reference to the ``VllmEngine``, so the engine is freed with it ("stop")."""
+    it held. Holds no reference to the ``VllmEngine``, so it does not keep it alive; once that is
+    collected, its finalizer's "stop" ends this thread."""
     waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
     engine = None  # the LLMEngine the waiting requests are on
 
