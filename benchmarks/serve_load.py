@@ -143,7 +143,7 @@ def run_prompt_embeds(checkpoint: str, serve_cfg, dtype: str, settings, turns, l
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from blsp_ray.engines import prepare_vllm_env, replica_dtype, vllm_engine_kwargs, vllm_sampling_params
+    from blsp_ray.engines import prepare_vllm_env, vllm_engine_kwargs, vllm_sampling_params
     from blsp_ray.model.modeling import checkpoint_bases
     from blsp_ray.speech_lm import SpeechLM
 
@@ -152,7 +152,7 @@ def run_prompt_embeds(checkpoint: str, serve_cfg, dtype: str, settings, turns, l
     lm_dir, _ = checkpoint_bases(checkpoint)
     prepare_vllm_env(serve_cfg)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # AsyncLLM's engine core is a process of its own
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(serve_cfg, lm_dir, replica_dtype(dtype, serve_cfg)), enable_prompt_embeds=True,
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**vllm_engine_kwargs(serve_cfg, lm_dir, dtype), enable_prompt_embeds=True,
                                                     disable_log_stats=True))
     print(f"[prompt_embeds] engine up in {time.perf_counter() - t0:.1f}s", flush=True)
     params = vllm_sampling_params(settings, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -223,7 +223,7 @@ def main() -> None:
     turns = [ChatTurn(INSTRUCTION, w) for w in waves]
     settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=0.0)
     serve_cfg = cfg.serve.model_copy(update={"max_new_tokens": args.max_tokens})
-    dtype = serve_cfg.engine_dtype(cfg.model)  # as the Serve app's replicas load it (auto: resolved in each)
+    dtype = replica_dtype(serve_cfg.engine_dtype(cfg.model), serve_cfg)  # as a Serve replica on this machine resolves it
     torch.set_num_threads(os.cpu_count())
     runners = {"native": run_native, "prompt_embeds": run_prompt_embeds, "transformers": run_transformers}
     results = {}
@@ -231,7 +231,7 @@ def main() -> None:
         results[engine] = runners[engine](checkpoint, serve_cfg, dtype, settings, turns, levels, args.requests_per_level)
 
     print(f"\nserve_load: one replica, engine level (no HTTP), {os.cpu_count()} CPUs, checkpoint {checkpoint} ({what}), "
-          f"{which}, weights {replica_dtype(dtype, serve_cfg)}, max_tokens {args.max_tokens} greedy, {args.requests_per_level} requests per level")
+          f"{which}, weights {dtype}, max_tokens {args.max_tokens} greedy, {args.requests_per_level} requests per level")
     print(f"{'engine':<15}{'conc':>5}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'tok/s':>9}{'tok/req':>9}")
     for engine, rows in results.items():
         for r in rows:
@@ -242,7 +242,7 @@ def main() -> None:
                 print(f"native / {base} at c={r['concurrency']}: {r['req_s'] / b['req_s']:.2f}x req/s, "
                       f"p95 {r['p95_s']:.3f}s vs {b['p95_s']:.3f}s")
     print(json.dumps({"checkpoint": checkpoint, "checkpoint_is": what, "clips": which, "max_tokens": args.max_tokens,
-                      "dtype": replica_dtype(dtype, serve_cfg), "results": results}))
+                      "dtype": dtype, "results": results}))
 
 
 if __name__ == "__main__":
